@@ -1,0 +1,273 @@
+"""The noise-prediction network ε_θ(x_t, t) of DDPM (Ho et al. 2020, Appendix B).
+
+A U-Net backbone after PixelCNN++: wide ResNet blocks with GroupNorm (32 groups) and
+swish, single-head self-attention at the 16×16 resolution, and a sinusoidal
+(Transformer) embedding of the timestep t that is added inside every residual block.
+The layout follows the authors' TensorFlow code one-to-one (also ported as
+diffusers' ``google/ddpm-cifar10-32``), so published weights can be mapped onto it:
+
+* ``time_embed.{0,2}``; ``conv_in``;
+* ``down[i].blocks[j]`` / ``down[i].attns[j]`` / ``down[i].resample`` (a Downsample), level i
+  at resolution ``image_size / 2**i``;
+* ``mid.block1`` / ``mid.attn`` / ``mid.block2``;
+* ``up[k]`` in execution order (k = 0 is the lowest resolution), each with
+  ``num_res_blocks + 1`` blocks, optional attentions and ``resample`` (an Upsample);
+* ``norm_out``, ``conv_out``.
+
+Everything works with ``channels_last`` tensors without extra copies.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["UNet", "timestep_embedding"]
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of timesteps ``t`` [B] → [B, dim]: ``[sin(t·ω_i), cos(t·ω_i)]``
+    with ω_i = exp(-log(10000) · i / (dim/2 - 1)), i = 0 … dim/2 - 1 (as in the paper's code)."""
+    half = dim // 2
+    freqs = torch.exp(
+        torch.arange(half, device=t.device, dtype=torch.float32) * (-math.log(10000.0) / (half - 1))
+    )
+    args = t.to(torch.float32)[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    """Wide ResNet block: GN→swish→conv3x3, + Linear(swish(temb)), GN→swish→dropout→conv3x3,
+    plus a 1x1-conv shortcut when the channel count changes. The last conv is zero-initialised."""
+
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float):
+        super().__init__()
+        self.norm1 = _norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_ch, out_ch)
+        self.norm2 = _norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """``temb`` is the already swish-activated time embedding [B, temb_ch]."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb_proj(temb)[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return (x if self.shortcut is None else self.shortcut(x)) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H·W positions with a residual connection:
+    x + proj(softmax(q kᵀ / √C) v), q, k, v = Linear(GN(x)). The output projection is zero-init."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.norm = _norm(ch)
+        self.q = nn.Linear(ch, ch)
+        self.k = nn.Linear(ch, ch)
+        self.v = nn.Linear(ch, ch)
+        self.proj_out = nn.Linear(ch, ch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        # [B, C, H, W] -> [B, HW, C]; a free view when x is channels_last.
+        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
+        out = F.scaled_dot_product_attention(self.q(tokens), self.k(tokens), self.v(tokens))
+        # back to [B, C, H, W] with channels_last strides (no copy).
+        return x + self.proj_out(out).view(b, h, w, c).permute(0, 3, 1, 2)
+
+
+class Downsample(nn.Module):
+    """3x3 conv with stride 2 and TF "SAME" padding (pad right/bottom by one): H → H/2."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour ×2 followed by a 3x3 conv: H → 2H."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution of the U-Net: res blocks, their optional attentions, and a resampler."""
+
+    def __init__(self, blocks: list[ResBlock], attns: list[AttnBlock], resample: nn.Module | None):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.attns = nn.ModuleList(attns)  # empty, or one per block
+        self.resample = resample  # Downsample / Upsample, or None at the end of the path
+
+    def run_block(self, i: int, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.blocks[i](h, temb)
+        return self.attns[i](h) if len(self.attns) else h
+
+
+class Mid(nn.Module):
+    """Middle of the U-Net at the lowest resolution: res block, attention, res block."""
+
+    def __init__(self, ch: int, temb_ch: int, dropout: float):
+        super().__init__()
+        self.block1 = ResBlock(ch, ch, temb_ch, dropout)
+        self.attn = AttnBlock(ch)
+        self.block2 = ResBlock(ch, ch, temb_ch, dropout)
+
+    def forward(self, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        return self.block2(self.attn(self.block1(h, temb)), temb)
+
+
+def _check_config(ch, ch_mult, num_res_blocks, attn_resolutions, dropout, image_size,
+                  in_channels, out_channels) -> list[int]:
+    """Raise ``ValueError`` naming the ``model.*`` key for an unusable configuration;
+    return the resolutions image_size, image_size/2, ... of the levels."""
+    for key, val in (("ch", ch), ("num_res_blocks", num_res_blocks), ("image_size", image_size),
+                     ("in_channels", in_channels), ("out_channels", out_channels)):
+        if val <= 0:
+            raise ValueError(f"model.{key}={val} must be a positive integer")
+    if not ch_mult or any(m <= 0 for m in ch_mult):
+        raise ValueError(f"model.ch_mult={ch_mult} must be a non-empty list of positive integers")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"model.dropout={dropout} must be in [0, 1)")
+    factor = 2 ** (len(ch_mult) - 1)
+    if image_size % factor:
+        raise ValueError(f"model.image_size={image_size} must be divisible by 2**(levels-1)="
+                         f"{factor} for ch_mult={ch_mult}")
+    for m in (1, *ch_mult):
+        if (ch * m) % 32:
+            raise ValueError(f"model.ch={ch} with ch_mult={ch_mult} gives {ch * m} channels, not "
+                             f"divisible by the 32 GroupNorm groups; use a multiple of 32")
+    resolutions = [image_size // 2**i for i in range(len(ch_mult))]
+    for r in attn_resolutions:
+        if r not in resolutions:
+            raise ValueError(f"model.attn_resolutions contains {r}, which is not a resolution of "
+                             f"this U-Net; valid: {resolutions}")
+    return resolutions
+
+
+class UNet(nn.Module):
+    """DDPM's ε_θ(x_t, t): maps a noisy image [B, C, H, W] and timesteps t [B] to [B, C', H, W].
+
+    Args:
+        in_channels: image channels C.
+        out_channels: output channels C' (default C; 2·C for a learned variance).
+        ch: base width; level i has ``ch * ch_mult[i]`` channels.
+        ch_mult: width multipliers, one per resolution (len(ch_mult) - 1 downsamplings).
+        num_res_blocks: res blocks per level on the way down (one more on the way up).
+        attn_resolutions: resolutions (feature-map sides) that get self-attention.
+        dropout: dropout rate inside every res block.
+        image_size: side of the (square) input; must be divisible by 2**(len(ch_mult) - 1).
+    """
+
+    def __init__(self, in_channels: int = 3, out_channels: int | None = None, ch: int = 128,
+                 ch_mult: Sequence[int] = (1, 2, 2, 2), num_res_blocks: int = 2,
+                 attn_resolutions: Sequence[int] = (16,), dropout: float = 0.1,
+                 image_size: int = 32):
+        super().__init__()
+        ch_mult = [int(m) for m in ch_mult]  # also accepts Hydra ListConfig
+        if isinstance(attn_resolutions, int):
+            attn_resolutions = [attn_resolutions]
+        attn_resolutions = [int(r) for r in attn_resolutions]
+        out_channels = in_channels if out_channels is None else out_channels
+        resolutions = _check_config(ch, ch_mult, num_res_blocks, attn_resolutions, float(dropout),
+                                    image_size, in_channels, out_channels)
+        self.ch, self.image_size = ch, image_size
+        self.in_channels, self.out_channels = in_channels, out_channels
+        temb_ch = 4 * ch
+
+        def res(cin: int, cout: int) -> ResBlock:
+            return ResBlock(cin, cout, temb_ch, float(dropout))
+
+        self.time_embed = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(),
+                                        nn.Linear(temb_ch, temb_ch))
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+
+        skip_chs, cur = [ch], ch  # channels of every stored skip activation
+        self.down = nn.ModuleList()
+        for i, (mult, r) in enumerate(zip(ch_mult, resolutions)):
+            blocks, attns = [], []
+            for _ in range(num_res_blocks):
+                blocks.append(res(cur, ch * mult))
+                cur = ch * mult
+                if r in attn_resolutions:
+                    attns.append(AttnBlock(cur))
+                skip_chs.append(cur)
+            last = i == len(ch_mult) - 1
+            self.down.append(Level(blocks, attns, None if last else Downsample(cur)))
+            if not last:
+                skip_chs.append(cur)
+
+        self.mid = Mid(cur, temb_ch, float(dropout))
+
+        self.up = nn.ModuleList()
+        for i in reversed(range(len(ch_mult))):
+            blocks, attns = [], []
+            for _ in range(num_res_blocks + 1):
+                blocks.append(res(cur + skip_chs.pop(), ch * ch_mult[i]))
+                cur = ch * ch_mult[i]
+                if resolutions[i] in attn_resolutions:
+                    attns.append(AttnBlock(cur))
+            self.up.append(Level(blocks, attns, Upsample(cur) if i > 0 else None))
+
+        self.norm_out = _norm(cur)
+        self.conv_out = nn.Conv2d(cur, out_channels, 3, padding=1)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """As the paper's code: Xavier-uniform (fan_avg) weights and zero biases everywhere,
+        and exactly zero for each res block's last conv, attention output and ``conv_out``."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        zero = [self.conv_out] + [m.conv2 for m in self.modules() if isinstance(m, ResBlock)]
+        zero += [m.proj_out for m in self.modules() if isinstance(m, AttnBlock)]
+        for m in zero:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Predict the noise ε̂ = ε_θ(x_t, t) with the shape of ``x_t`` (C' channels)."""
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        emb = timestep_embedding(t, self.ch).to(self.conv_in.weight.dtype)
+        temb = F.silu(self.time_embed(emb))  # every res block applies swish before its Linear
+
+        h = self.conv_in(x)
+        skips = [h]
+        for level in self.down:
+            for i in range(len(level.blocks)):
+                h = level.run_block(i, h, temb)
+                skips.append(h)
+            if level.resample is not None:
+                h = level.resample(h)
+                skips.append(h)
+
+        h = self.mid(h, temb)
+
+        for level in self.up:
+            for i in range(len(level.blocks)):
+                h = level.run_block(i, torch.cat([h, skips.pop()], dim=1), temb)
+            if level.resample is not None:
+                h = level.resample(h)
+
+        return self.conv_out(F.silu(self.norm_out(h)))
