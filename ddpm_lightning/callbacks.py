@@ -1,0 +1,110 @@
+"""Lightning callbacks: sample grids, the schedule plot."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from .samplers import sample, sampler_kwargs
+
+
+def _log_image(trainer: L.Trainer, key: str, path: Path, step: int) -> None:
+    """Send a saved PNG to every logger that takes images (W&B); others keep the file only."""
+    for logger in trainer.loggers:
+        if hasattr(logger, "log_image"):
+            logger.log_image(key=key, images=[str(path)], step=step)
+
+
+class SampleGrid(L.Callback):
+    """Every ``every_n_steps`` optimizer steps (and at the end of training), sample a grid from
+    one fixed x_T with the EMA weights, on rank zero, save it as
+    ``<run dir>/samples/step_XXXXXXX.png`` and log it as ``samples``.
+
+    ``sampler`` holds ``samplers.sample`` keyword arguments (sampler, steps, eta, variance).
+    """
+
+    def __init__(self, every_n_steps: int = 1000, num_images: int = 64, seed: int = 0,
+                 sampler: dict | None = None, on_train_end: bool = True):
+        if every_n_steps < 1:
+            raise ValueError(f"callbacks.sample_grid.every_n_steps={every_n_steps} must be >= 1")
+        if num_images < 1:
+            raise ValueError(f"callbacks.sample_grid.num_images={num_images} must be >= 1")
+        self.every_n_steps = every_n_steps
+        self.num_images = num_images
+        self.seed = seed
+        self.sampler = dict(sampler or {})
+        self.sample_on_train_end = on_train_end
+        self._last_step = -1
+        self.last_path: Path | None = None
+
+    def _noise(self, pl_module) -> torch.Tensor:
+        model = pl_module.model
+        shape = (self.num_images, model.in_channels, model.image_size, model.image_size)
+        g = torch.Generator().manual_seed(self.seed)
+        return torch.randn(shape, generator=g)
+
+    @rank_zero_only
+    def make_grid(self, trainer: L.Trainer, pl_module) -> Path:
+        from torchvision.utils import save_image
+
+        step = trainer.global_step
+        net = pl_module.eval_model
+        was_training = net.training
+        net.eval()
+        settings = sampler_kwargs({**pl_module.sampler, **self.sampler})
+        x = sample(net, pl_module.diffusion, None, noise=self._noise(pl_module).to(pl_module.device),
+                   **settings)
+        net.train(was_training)
+        out_dir = Path(trainer.default_root_dir) / "samples"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"step_{step:07d}.png"
+        tmp = path.with_suffix(".tmp.png")
+        save_image((x.float() + 1) / 2, tmp, nrow=int(math.ceil(math.sqrt(self.num_images))))
+        tmp.replace(path)
+        _log_image(trainer, "samples", path, step)
+        self._last_step = step
+        self.last_path = path
+        return path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.make_grid(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.sample_on_train_end and trainer.global_step != self._last_step:
+            self.make_grid(trainer, pl_module)
+
+
+class SchedulePlot(L.Callback):
+    """At the start of training, plot ᾱ_t and log-SNR(t) = log(ᾱ_t / (1 − ᾱ_t)) against t to
+    ``<run dir>/schedule.png`` and log it as ``schedule``, so schedules compare by eye."""
+
+    @rank_zero_only
+    def on_fit_start(self, trainer, pl_module) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        abar = pl_module.diffusion.alphas_cumprod.numpy()
+        t = np.arange(1, len(abar) + 1)
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+        ax1.plot(t, abar)
+        ax1.set(xlabel="t", ylabel="ᾱ_t", title="ᾱ_t")
+        ax2.plot(t, np.log(abar) - np.log1p(-abar))
+        ax2.set(xlabel="t", ylabel="log SNR", title="log(ᾱ_t / (1 − ᾱ_t))")
+        name = getattr(pl_module, "schedule_name", None)
+        if name:
+            fig.suptitle(f"schedule: {name}")
+        fig.tight_layout()
+        path = Path(trainer.default_root_dir) / "schedule.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        _log_image(trainer, "schedule", path, trainer.global_step)

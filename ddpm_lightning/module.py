@@ -1,0 +1,174 @@
+"""The LightningModule: an ε-prediction network, its EMA, and the L_simple objective."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Mapping, Sequence
+
+import lightning as L
+import torch
+from torch import nn
+
+from .diffusion import GaussianDiffusion
+
+
+class DDPM(L.LightningModule):
+    """Trains ``model`` on ``GaussianDiffusion(betas, ...).training_loss`` (Algorithm 1).
+
+    The EMA copy ``ema_model`` is updated after every optimizer step, on every rank, from step
+    1 with no warm-up (as in the paper); it is a submodule, so it is saved in checkpoints and
+    moved with the module, and it is what validation, sampling and FID use by default. The raw
+    weights in ``model`` are never overwritten by it.
+
+    Args:
+        model: the network ε_θ(x_t, t) (or x_0/µ̃ predictor, see ``parameterization``).
+        betas: β_1 … β_T, e.g. ``make_beta_schedule("linear", 1000)``.
+        parameterization, variance, objective, hybrid_lambda: see ``GaussianDiffusion``.
+        lr, adam_betas, adam_eps, weight_decay: Adam's settings.
+        warmup_steps: the lr rises linearly as lr·min(step / warmup_steps, 1), as in the
+            original code (so the very first update uses lr = 0 when warmup_steps > 0).
+        ema_decay: the EMA decay (0.9999 in the paper); 0 disables averaging (EMA = weights).
+        use_ema: evaluate and sample with the EMA weights (default) or with the raw ones.
+        sampler: default sampling settings for grids and evaluation (see ``samplers.sample``).
+        run_config: the resolved run configuration, kept in the checkpoint so that the model can
+            be rebuilt without repeating the training overrides.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        betas: Sequence[float],
+        parameterization: str = "eps",
+        variance: str = "fixed_large",
+        objective: str = "simple",
+        hybrid_lambda: float = 1e-3,
+        lr: float = 2e-4,
+        adam_betas: Sequence[float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 5000,
+        ema_decay: float = 0.9999,
+        use_ema: bool = True,
+        sampler: Mapping | None = None,
+        run_config: Mapping | None = None,
+    ):
+        super().__init__()
+        for key, value, ok in (
+            ("module.lr", lr, lr > 0),
+            ("module.ema_decay", ema_decay, 0.0 <= ema_decay < 1.0),
+            ("module.warmup_steps", warmup_steps, warmup_steps >= 0),
+            ("module.weight_decay", weight_decay, weight_decay >= 0),
+            ("module.adam_eps", adam_eps, adam_eps > 0),
+        ):
+            if not ok or value != value:
+                raise ValueError(f"{key}={value!r} is out of range")
+        if len(adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in adam_betas):
+            raise ValueError(f"module.adam_betas={list(adam_betas)!r} must be two numbers in [0, 1)")
+        self.save_hyperparameters(ignore=["model", "betas"], logger=False)
+        self.model = model
+        self.ema_model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.diffusion = GaussianDiffusion(
+            betas,
+            parameterization=parameterization,
+            variance=variance,
+            objective=objective,
+            hybrid_lambda=hybrid_lambda,
+        )
+        self.sampler = dict(sampler or {})
+        self._last_batch_end: float | None = None
+
+    # ------------------------------------------------------------- networks
+    @property
+    def eval_model(self) -> nn.Module:
+        """The network used for validation, sampling and FID: the EMA one unless disabled."""
+        return self.ema_model if self.hparams.use_ema else self.model
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.model(x_t, t)
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """θ_ema ← decay·θ_ema + (1 − decay)·θ, then copy buffers."""
+        ema = list(self.ema_model.parameters())
+        raw = list(self.model.parameters())
+        decay = self.hparams.ema_decay
+        if decay == 0.0:
+            torch._foreach_copy_(ema, [p.detach() for p in raw])
+        else:
+            torch._foreach_lerp_(ema, [p.detach() for p in raw], 1.0 - decay)
+        for b_ema, b in zip(self.ema_model.buffers(), self.model.buffers()):
+            b_ema.copy_(b)
+
+    # ------------------------------------------------------------- training
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        x0 = batch
+        losses, t = self.diffusion.training_loss(self.model, x0)
+        loss = losses.mean()
+        self._check_finite(loss, t)
+        self.log("train/loss", loss, prog_bar=True)
+        self._log_loss_by_quartile(losses.detach(), t)
+        return loss
+
+    def _check_finite(self, loss: torch.Tensor, t: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite loss {loss.item()} at global step {self.global_step} "
+                f"(batch timesteps t={t.tolist()}); the last good checkpoint is kept"
+            )
+
+    def _log_loss_by_quartile(self, losses: torch.Tensor, t: torch.Tensor) -> None:
+        """train/loss_q0 … q3: the loss of timesteps in each quarter of [0, T)."""
+        q = (t * 4) // self.diffusion.num_timesteps
+        sums = torch.zeros(4, device=losses.device).index_add_(0, q, losses.float())
+        counts = torch.bincount(q, minlength=4).to(losses.device)
+        for i in range(4):
+            # every rank logs (a NaN-free) value so that DDP reductions stay in step
+            value = sums[i] / counts[i].clamp(min=1)
+            self.log(f"train/loss_q{i}", value, batch_size=int(counts[i].item()) or 1)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            self.log("train/grad_norm", norm)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._last_batch_end is not None:
+            images = batch.shape[0] * self.trainer.world_size
+            self.log("train/images_per_sec", images / max(now - self._last_batch_end, 1e-9))
+        self._last_batch_end = now
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    # ----------------------------------------------------------- validation
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        # Fixed t and ε per batch index, so that val/loss is comparable across evaluations.
+        g = torch.Generator(device="cpu").manual_seed(10_000 + batch_idx)
+        t = torch.randint(0, self.diffusion.num_timesteps, (batch.shape[0],), generator=g)
+        noise = torch.randn(batch.shape, generator=g).to(batch)
+        losses, _ = self.diffusion.training_loss(self.eval_model, batch, t=t.to(batch.device),
+                                                 noise=noise)
+        self.log("val/loss", losses.mean(), sync_dist=True, batch_size=batch.shape[0])
+
+    # ------------------------------------------------------------ optimizer
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.Adam(
+            self.model.parameters(),
+            lr=hp.lr,
+            betas=tuple(hp.adam_betas),
+            eps=hp.adam_eps,
+            weight_decay=hp.weight_decay,
+        )
+        warmup = hp.warmup_steps
+
+        def factor(step: int) -> float:
+            return min(step / warmup, 1.0) if warmup > 0 else 1.0
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

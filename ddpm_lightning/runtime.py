@@ -1,0 +1,135 @@
+"""Run plumbing for the entry points: output folders, resume, W&B naming and offline fallback,
+and Hydra multirun under DDP. Lightning-free except where it touches the Trainer's launcher."""
+
+from __future__ import annotations
+
+import contextlib
+import netrc
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the key and the value."""
+
+
+def is_ddp_child() -> bool:
+    """True in the processes Lightning's subprocess launcher starts for ranks > 0."""
+    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
+
+
+def wandb_api_key_configured() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        path = os.environ.get("NETRC") or None
+        return netrc.netrc(path).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def ensure_wandb_mode() -> str | None:
+    """With no WANDB_MODE and no API key, switch W&B to offline mode and say so in one line."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if not wandb_api_key_configured():
+        os.environ["WANDB_MODE"] = "offline"
+        print("wandb: no API key configured; logging offline (upload later with `wandb sync`)",
+              file=sys.stderr)
+        return "offline"
+    return None
+
+
+def swept_overrides(hydra_cfg) -> list[str]:
+    """The command-line overrides of this job (``schedule=cosine``, ...), minus bookkeeping keys."""
+    exclude = set(hydra_cfg.job.config.override_dirname.exclude_keys)
+    out = []
+    for item in hydra_cfg.overrides.task:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if key not in exclude and not key.startswith("hydra."):
+            out.append(item)
+    return out
+
+
+def run_identity(cfg: DictConfig, hydra_cfg) -> dict:
+    """W&B name/group/tags: the experiment name plus every swept key, so that dashboards compare
+    runs with no editing. A multirun shares one group per sweep."""
+    overrides = swept_overrides(hydra_cfg)
+    name = cfg.name + (":" + ",".join(overrides) if overrides else "")
+    multirun = str(hydra_cfg.mode) == "RunMode.MULTIRUN"
+    group = f"{cfg.name}/{Path(hydra_cfg.sweep.dir).name}" if multirun else cfg.name
+    return {"name": name, "group": group, "overrides": overrides}
+
+
+def find_resume_checkpoint(resume: str | None, run_dir: Path, outputs_root: Path) -> Path | None:
+    """Resolve ``resume``: None → None; a path → that file (which must exist); "auto" → the
+    newest ``checkpoints/last.ckpt`` of this run directory or, failing that, of the latest
+    earlier run under ``outputs_root`` (the runs of the same experiment name)."""
+    if resume in (None, "", "null"):
+        return None
+    if resume != "auto":
+        path = Path(resume).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"resume={resume} does not exist; give a checkpoint file or resume=auto")
+        return path.resolve()
+    own = run_dir / "checkpoints" / "last.ckpt"
+    if own.is_file():
+        return own.resolve()
+    candidates = sorted(
+        (p for p in outputs_root.glob("*/checkpoints/last.ckpt") if p.is_file()),
+        key=lambda p: p.stat().st_mtime,
+    )
+    return candidates[-1].resolve() if candidates else None
+
+
+def fix_hydra_multirun_for_ddp(hydra_cfg) -> None:
+    """Make Lightning's DDP child processes re-run *this job only*, in *this job's* folder.
+
+    Lightning restarts the script for ranks > 0 with ``sys.argv`` plus
+    ``hydra.run.dir=<HydraConfig run.dir>``. Under ``-m`` that would relaunch the whole sweep
+    and create a second folder (lightning-hydra-template #393). We rewrite argv to this job's
+    own overrides without ``-m``, and point run.dir at this job's output folder.
+    """
+    from omegaconf import open_dict
+
+    argv = [a for a in sys.argv[1:] if a not in ("-m", "--multirun")]
+    # keep flags such as -cp/-cn, drop every key=value and put the job's own overrides back
+    flags, skip = [], False
+    for a in argv:
+        if skip:
+            flags.append(a)
+            skip = False
+        elif a.startswith("-") and "=" not in a:
+            flags.append(a)
+            skip = a in ("-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir")
+    sys.argv = [sys.argv[0], *flags, *list(hydra_cfg.overrides.task)]
+    with open_dict(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+
+
+def fail_before_work(err: BaseException, fresh_run_dir: Path) -> None:
+    """Report a configuration error in one line and exit 1, removing the run folder Hydra just
+    created if it holds nothing but Hydra's own files. HYDRA_FULL_ERROR=1 re-raises instead."""
+    if fresh_run_dir.is_dir() and not is_ddp_child():
+        own = {".hydra", "train.log", "config.yaml"}
+        if all(p.name in own for p in fresh_run_dir.iterdir()):
+            shutil.rmtree(fresh_run_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the experiment folder, if now empty
+                fresh_run_dir.parent.rmdir()
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise err
+    cause = err
+    while cause.__cause__ is not None and "InstantiationException" in type(cause).__name__:
+        cause = cause.__cause__  # hydra.utils.instantiate wraps the real error
+    message = " ".join(str(cause).split()) or type(cause).__name__
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def to_container(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -1,0 +1,103 @@
+"""Train a DDPM: ``python train.py [experiment=cifar10_ddpm] [key=value ...]`` (see README)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+
+from ddpm_lightning import runtime
+
+
+def build(cfg: DictConfig):
+    """Instantiate everything (no data is loaded here), so bad configs fail before any work."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    resume_ckpt = runtime.find_resume_checkpoint(cfg.resume, run_dir, run_dir.parent)
+    if resume_ckpt is not None and resume_ckpt.parent.name == "checkpoints":
+        run_dir = resume_ckpt.parent.parent  # keep writing into the run that is resumed
+    elif (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        raise runtime.ConfigError(
+            f"hydra.run.dir={run_dir} already holds checkpoints; pass resume=auto to continue "
+            "that run, or choose another directory"
+        )
+
+    betas = instantiate(cfg.schedule)
+    model = instantiate(cfg.model)
+    module = instantiate(cfg.module, model=model, betas=betas,
+                         run_config=runtime.to_container(cfg), _recursive_=False)
+    module.schedule_name = cfg.schedule.name
+    datamodule = instantiate(cfg.data)
+    if datamodule.hparams.get("channels", model.in_channels) != model.in_channels:
+        raise runtime.ConfigError(
+            f"data.channels={datamodule.hparams.channels} does not match "
+            f"model.in_channels={model.in_channels}"
+        )
+
+    callbacks = []
+    for key, cb_cfg in (cfg.get("callbacks") or {}).items():
+        if cb_cfg is None or "_target_" not in cb_cfg:
+            continue
+        extra = {"dirpath": str(run_dir / "checkpoints")} if key == "checkpoint" else {}
+        callbacks.append(instantiate(cb_cfg, **extra))
+
+    loggers = []
+    if cfg.get("logger") and "_target_" in cfg.logger:
+        identity = runtime.run_identity(cfg, hc)
+        extra = {"save_dir": str(run_dir)}
+        if "WandbLogger" in cfg.logger._target_:
+            runtime.ensure_wandb_mode()
+            extra.update(name=cfg.logger.name or identity["name"],
+                         group=cfg.logger.group or identity["group"])
+            run_id_file = run_dir / "wandb_run_id.txt"
+            if resume_ckpt is not None and run_id_file.is_file():
+                extra.update(id=run_id_file.read_text().strip(), resume="allow")
+        logger = instantiate(cfg.logger, **extra)
+        hparams = runtime.to_container(cfg)
+        hparams["swept"] = identity["overrides"]
+        logger.log_hyperparams(hparams)
+        if hasattr(logger, "experiment") and "WandbLogger" in cfg.logger._target_:
+            from lightning.pytorch.utilities import rank_zero_only
+
+            if rank_zero_only.rank == 0:
+                run_id_file.write_text(logger.experiment.id)
+        loggers.append(logger)
+
+    trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks,
+                          logger=loggers or False)
+    assert isinstance(trainer, L.Trainer)
+    return module, datamodule, trainer, resume_ckpt, run_dir
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    import lightning as L
+
+    hc = HydraConfig.get()
+    if str(hc.mode) == "RunMode.MULTIRUN" and not runtime.is_ddp_child():
+        runtime.fix_hydra_multirun_for_ddp(hc)
+    L.seed_everything(cfg.seed, workers=True)
+    try:
+        module, datamodule, trainer, resume_ckpt, run_dir = build(cfg)
+    except (ValueError, FileNotFoundError, TypeError, InstantiationException) as err:
+        runtime.fail_before_work(err, Path(hc.runtime.output_dir))
+    if trainer.is_global_zero:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        if resume_ckpt is not None:
+            print(f"resuming from {resume_ckpt}", file=sys.stderr)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+    if trainer.is_global_zero:
+        print(f"run directory: {run_dir}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    main()
