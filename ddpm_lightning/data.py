@@ -1,0 +1,237 @@
+"""LightningDataModule for DDPM training, plus the pixel-range helpers.
+
+Loaders yield ``uint8`` image batches ``[B, C, H, W]`` (no labels). The
+conversion to the model range ``[-1, 1]`` and the optional random horizontal
+flip run on the device in :meth:`DiffusionDataModule.on_after_batch_transfer`,
+so the CPU side only indexes a tensor (or decodes a file, for ``folder``).
+
+Note: Lightning uses the datamodule's ``on_after_batch_transfer`` only when the
+model is fitted with ``datamodule=...``; if the LightningModule also overrides
+that hook, the datamodule's version still wins (Lightning warns).
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from ddpm_lightning import datasets as ds
+
+
+def to_model_range(images: Tensor) -> Tensor:
+    """``uint8`` pixels in ``[0, 255]`` -> ``float32`` in ``[-1, 1]`` (``x / 127.5 - 1``)."""
+    return images.to(torch.float32) / 127.5 - 1.0
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """Floats in ``[-1, 1]`` -> ``uint8`` pixels, clamped and rounded; undoes ``to_model_range``."""
+    return images.detach().clamp(-1.0, 1.0).add(1.0).mul_(127.5).round_().to(torch.uint8)
+
+
+def random_hflip(images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Flip each image of a ``[B, C, H, W]`` batch left-right with probability 1/2.
+
+    The mask is drawn on the CPU from ``generator`` (B numbers, cheap) so the
+    result does not depend on the device RNG.
+    """
+    flip = torch.rand(images.shape[0], generator=generator) < 0.5
+    flip = flip.to(images.device).view(-1, 1, 1, 1)
+    return torch.where(flip, images.flip(-1), images)
+
+
+def seed_worker(worker_id: int) -> None:
+    """``worker_init_fn``: seed numpy and ``random`` from the worker's torch seed.
+
+    torch already seeds each worker with ``base_seed + worker_id``, where
+    ``base_seed`` comes from the DataLoader's seeded generator.
+    """
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+class DiffusionDataModule(LightningDataModule):
+    """Images for DDPM: one of ``embedded`` (default, offline), ``mnist``,
+    ``fashion_mnist``, ``cifar10`` or ``folder``.
+
+    Args:
+        dataset: dataset name (see above).
+        root: data folder; ignored by ``embedded``. ``fashion_mnist`` also reads the
+            gzipped IDX files of the Debian package ``dataset-fashion-mnist``
+            (``/usr/share/datasets/fashion-mnist``) directly.
+        image_size: side of the square images given to the model.
+        channels: 1 or 3. Must match the data (1 for MNIST-like, 3 for CIFAR-10)
+            unless ``convert_channels`` is true; folder images are always converted.
+        batch_size: batch size **per device** (under DDP the global batch is
+            ``batch_size * world_size``).
+        num_workers: DataLoader workers (persistent when > 0).
+        random_flip: random horizontal flip of training batches (on the device).
+        seed: seeds the train/val split, the shuffle order, the workers and the flips.
+            Under DDP Lightning's DistributedSampler shuffles instead, seeded from
+            ``seed_everything`` (``PL_GLOBAL_SEED``).
+        val_fraction: fraction of ``embedded``/``folder`` held out for val/test
+            (seeded). 0 means no hold-out: val/test then use the training images.
+            ``mnist``/``fashion_mnist``/``cifar10`` always use their test split.
+        download: let torchvision download ``mnist``/``fashion_mnist``/``cifar10``
+            into ``root``; when false nothing is ever downloaded.
+        convert_channels: allow grey->RGB (repeat) or RGB->grey (luma) for fixed datasets.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "embedded",
+        root: str | None = None,
+        image_size: int = 32,
+        channels: int = 1,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        random_flip: bool = False,
+        seed: int = 0,
+        val_fraction: float = 0.1,
+        download: bool = False,
+        convert_channels: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.dataset = dataset
+        self.root = None if root is None else str(root)
+        self.image_size = image_size
+        self.channels = channels
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.random_flip = random_flip
+        self.seed = seed
+        self.val_fraction = val_fraction
+        self.download = download
+        self.convert_channels = convert_channels
+        self._check_config()
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self._flip_generator: torch.Generator | None = None
+
+    def _check_config(self) -> None:
+        """Cheap config checks (no data access), each a one-line error."""
+        name, channels = self.dataset, self.channels
+        if name not in ds.DATASETS:
+            raise ValueError(
+                f"data.dataset={name!r} is unknown; choose one of {', '.join(ds.DATASETS)}"
+            )
+        if self.root is None and name != "embedded":
+            raise ValueError(f"data.root=None: dataset {name!r} needs data.root set to its folder")
+        if channels not in (1, 3):
+            raise ValueError(f"data.channels={channels!r} is unsupported; use 1 (grey) or 3 (RGB)")
+        native = ds.NATIVE_CHANNELS.get(name)
+        if native is not None and channels != native and not self.convert_channels:
+            raise ValueError(
+                f"data.channels={channels} does not match dataset {name!r}, which has {native}; "
+                f"set data.channels={native}, or data.convert_channels=true to convert"
+            )
+        for key in ("image_size", "batch_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"data.{key}={value!r} must be a positive integer")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"data.num_workers={self.num_workers!r} must be an integer >= 0")
+        if not isinstance(self.val_fraction, (int, float)) or not 0 <= self.val_fraction < 1:
+            raise ValueError(f"data.val_fraction={self.val_fraction!r} must be in [0, 1)")
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def prepare_data(self) -> None:
+        """Download (rank 0 only) when ``download`` is true; otherwise nothing."""
+        if self.download and self.dataset in ("mnist", "fashion_mnist", "cifar10"):
+            ds.download(self.dataset, self.root)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the train and val/test datasets (once; later calls are no-ops)."""
+        if self.train_set is not None:
+            return
+        if self.dataset == "folder":
+            full = ds.ImageFolderDataset.from_root(self.root, self.image_size, self.channels)
+            self.train_set, self.val_set = self._split(full)
+        elif self.dataset == "embedded":
+            self.train_set, self.val_set = self._split(self._in_memory(None))
+        else:
+            self.prepare_data()  # no-op unless download=true; present files are not re-fetched
+            self.train_set, self.val_set = self._in_memory(True), self._in_memory(False)
+        self._check_sizes()
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def on_after_batch_transfer(self, batch: Tensor, dataloader_idx: int) -> Tensor:
+        """On the device: uint8 -> [-1, 1], then random flip (training batches only)."""
+        if not isinstance(batch, Tensor) or batch.dtype != torch.uint8:
+            raise TypeError(f"expected a uint8 image batch, got {type(batch).__name__}")
+        images = to_model_range(batch)
+        training = self.trainer.training if self.trainer is not None else True
+        if self.random_flip and training:
+            images = random_hflip(images, self._flip_rng())
+        return images
+
+    # ------------------------------------------------------------------ helpers
+
+    def _in_memory(self, train: bool | None) -> ds.TensorImageDataset:
+        images = ds.load_fixed(self.dataset, self.root, train)
+        images = ds.match_channels(images, self.channels)
+        return ds.TensorImageDataset(ds.fit_size(images, self.image_size))
+
+    def _split(self, full):
+        """Seeded shuffle, then hold out ``val_fraction`` (0: val = train)."""
+        n = len(full)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        n_val = round(n * self.val_fraction)
+        if self.val_fraction > 0:
+            n_val = min(max(n_val, 1), n - 1)
+        if n_val == 0:
+            return full.subset(order), full.subset(order)
+        return full.subset(order[n_val:]), full.subset(order[:n_val])
+
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
+    def _check_sizes(self) -> None:
+        n_train, world = len(self.train_set), self._world_size()
+        if n_train < self.batch_size * world:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} (x{world} devices) exceeds the {n_train} "
+                f"training images of {self.dataset!r}; lower data.batch_size or add images"
+            )
+        if len(self.val_set) == 0:
+            raise ValueError(f"data.val_fraction={self.val_fraction}: empty validation set")
+
+    def _flip_rng(self) -> torch.Generator:
+        if self._flip_generator is None:
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            self._flip_generator = torch.Generator().manual_seed(self.seed + 104729 * (rank + 1))
+        return self._flip_generator
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("DiffusionDataModule.setup() must run before asking for a loader")
+        on_cuda = torch.cuda.is_available() and (
+            self.trainer is None or self.trainer.strategy.root_device.type == "cuda"
+        )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=on_cuda,
+            collate_fn=ds.collate_images,
+            worker_init_fn=seed_worker,
+            generator=torch.Generator().manual_seed(self.seed + (0 if train else 1)),
+        )
