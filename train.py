@@ -49,6 +49,14 @@ def build(cfg: DictConfig):
         extra = {"dirpath": str(run_dir / "checkpoints")} if key == "checkpoint" else {}
         callbacks.append(instantiate(cb_cfg, **extra))
 
+    from ddpm_lightning.callbacks import SampleGrid
+    from ddpm_lightning.samplers import check_settings
+
+    for cb in callbacks:
+        if isinstance(cb, SampleGrid):
+            check_settings({**module.sampler, **cb.sampler}, module.diffusion.num_timesteps,
+                           key="callbacks.sample_grid.sampler")
+
     loggers = []
     if cfg.get("logger") and "_target_" in cfg.logger:
         identity = runtime.run_identity(cfg, hc)
@@ -60,6 +68,12 @@ def build(cfg: DictConfig):
             run_id_file = run_dir / "wandb_run_id.txt"
             if resume_ckpt is not None and run_id_file.is_file():
                 extra.update(id=run_id_file.read_text().strip(), resume="allow")
+        elif "CSVLogger" in cfg.logger._target_ and resume_ckpt is not None:
+            # Lightning's CSV writer deletes an existing metrics.csv: log a resume to its own file
+            n = 1
+            while (run_dir / cfg.logger.name / f"resume_{n}").exists():
+                n += 1
+            extra["version"] = f"resume_{n}"
         logger = instantiate(cfg.logger, **extra)
         hparams = runtime.to_container(cfg)
         hparams["swept"] = identity["overrides"]
@@ -93,7 +107,13 @@ def main(cfg: DictConfig) -> None:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         if resume_ckpt is not None:
             print(f"resuming from {resume_ckpt}", file=sys.stderr)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+    env_before = dict(os.environ)
+    try:
+        trainer.fit(module, datamodule=datamodule,
+                    ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+    finally:
+        if str(hc.mode) == "RunMode.MULTIRUN":
+            runtime.reset_distributed(env_before)  # the next job of the sweep starts clean
     if trainer.is_global_zero:
         print(f"run directory: {run_dir}")
 

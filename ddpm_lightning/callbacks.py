@@ -57,8 +57,10 @@ class SampleGrid(L.Callback):
         was_training = net.training
         net.eval()
         settings = sampler_kwargs({**pl_module.sampler, **self.sampler})
+        # Its own generator: grids are reproducible and leave the training RNG untouched.
+        gen = torch.Generator(device=pl_module.device).manual_seed(self.seed + 1)
         x = sample(net, pl_module.diffusion, None, noise=self._noise(pl_module).to(pl_module.device),
-                   **settings)
+                   generator=gen, **settings)
         net.train(was_training)
         out_dir = Path(trainer.default_root_dir) / "samples"
         out_dir.mkdir(parents=True, exist_ok=True)

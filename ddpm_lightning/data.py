@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from ddpm_lightning import datasets as ds
 
@@ -112,7 +112,6 @@ class DiffusionDataModule(LightningDataModule):
         self._check_config()
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
-        self._flip_generator: torch.Generator | None = None
 
     def _check_config(self) -> None:
         """Cheap config checks (no data access), each a one-line error."""
@@ -177,7 +176,8 @@ class DiffusionDataModule(LightningDataModule):
         images = to_model_range(batch)
         training = self.trainer.training if self.trainer is not None else True
         if self.random_flip and training:
-            images = random_hflip(images, self._flip_rng())
+            # the global RNG: seeded by seed_everything and restored on resume
+            images = random_hflip(images)
         return images
 
     # ------------------------------------------------------------------ helpers
@@ -211,12 +211,6 @@ class DiffusionDataModule(LightningDataModule):
         if len(self.val_set) == 0:
             raise ValueError(f"data.val_fraction={self.val_fraction}: empty validation set")
 
-    def _flip_rng(self) -> torch.Generator:
-        if self._flip_generator is None:
-            rank = self.trainer.global_rank if self.trainer is not None else 0
-            self._flip_generator = torch.Generator().manual_seed(self.seed + 104729 * (rank + 1))
-        return self._flip_generator
-
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("DiffusionDataModule.setup() must run before asking for a loader")
@@ -226,7 +220,7 @@ class DiffusionDataModule(LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            sampler=EpochRandomSampler(dataset, self.seed) if train else None,
             drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -235,3 +229,21 @@ class DiffusionDataModule(LightningDataModule):
             worker_init_fn=seed_worker,
             generator=torch.Generator().manual_seed(self.seed + (0 if train else 1)),
         )
+
+
+class EpochRandomSampler(RandomSampler):
+    """A shuffle whose order depends only on (seed, epoch), so that a resumed run sees the
+    same batches as one never stopped. Lightning calls ``set_epoch`` every epoch; under DDP it
+    replaces this sampler by a DistributedSampler, which is seeded the same way."""
+
+    def __init__(self, data_source, seed: int = 0):
+        super().__init__(data_source)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        yield from torch.randperm(len(self.data_source), generator=g).tolist()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 
 import lightning as L
@@ -11,6 +12,11 @@ import torch
 from torch import nn
 
 from .diffusion import GaussianDiffusion
+from .samplers import check_settings
+
+
+# The EMA copy is in eval mode on purpose; Lightning warns about any module in eval mode.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 class DDPM(L.LightningModule):
@@ -65,7 +71,14 @@ class DDPM(L.LightningModule):
                 raise ValueError(f"{key}={value!r} is out of range")
         if len(adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in adam_betas):
             raise ValueError(f"module.adam_betas={list(adam_betas)!r} must be two numbers in [0, 1)")
-        self.save_hyperparameters(ignore=["model", "betas"], logger=False)
+        # Plain Python containers only, so that checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(_plain({
+            "parameterization": parameterization, "variance": variance, "objective": objective,
+            "hybrid_lambda": hybrid_lambda, "lr": lr, "adam_betas": adam_betas,
+            "adam_eps": adam_eps, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
+            "ema_decay": ema_decay, "use_ema": use_ema, "sampler": sampler or {},
+            "run_config": run_config,
+        }), ignore=["model", "betas"], logger=False)
         self.model = model
         self.ema_model = copy.deepcopy(model).eval().requires_grad_(False)
         self.diffusion = GaussianDiffusion(
@@ -75,7 +88,8 @@ class DDPM(L.LightningModule):
             objective=objective,
             hybrid_lambda=hybrid_lambda,
         )
-        self.sampler = dict(sampler or {})
+        self.sampler = dict(self.hparams.sampler)
+        check_settings(self.sampler, self.diffusion.num_timesteps, key="module.sampler")
         self._last_batch_end: float | None = None
 
     # ------------------------------------------------------------- networks
@@ -155,6 +169,30 @@ class DDPM(L.LightningModule):
                                                  noise=noise)
         self.log("val/loss", losses.mean(), sync_dist=True, batch_size=batch.shape[0])
 
+    # ------------------------------------------------------- checkpointing
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep the RNG states, so that a resumed run draws the same t, ε and batches."""
+        checkpoint["rng_states"] = _collect_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_states" in checkpoint:
+            _set_rng_states(checkpoint["rng_states"])
+
+    def on_train_end(self) -> None:
+        """Under DDP, check that every rank holds the same EMA weights (all-gathered checksum)."""
+        if self.trainer.world_size <= 1:
+            return
+        with torch.no_grad():
+            checksum = torch.stack(
+                [p.double().sum() for p in self.ema_model.parameters()]
+            ).sum().reshape(1)
+        gathered = self.all_gather(checksum).flatten()
+        if not torch.all(gathered == gathered[0]):
+            raise RuntimeError(f"EMA weights differ across ranks: checksums {gathered.tolist()}")
+        if self.trainer.is_global_zero:
+            print(f"EMA weights identical across {gathered.numel()} ranks "
+                  f"(checksum {gathered[0].item():.10e})")
+
     # ------------------------------------------------------------ optimizer
     def configure_optimizers(self):
         hp = self.hparams
@@ -172,3 +210,43 @@ class DDPM(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _plain(value):
+    """OmegaConf containers → dicts and lists, recursively."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _collect_rng_states() -> dict:
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = {"torch": torch.get_rng_state(),
+              "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+              "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -95,7 +95,7 @@ def fix_hydra_multirun_for_ddp(hydra_cfg) -> None:
     and create a second folder (lightning-hydra-template #393). We rewrite argv to this job's
     own overrides without ``-m``, and point run.dir at this job's output folder.
     """
-    from omegaconf import open_dict
+    from omegaconf import open_dict, read_write
 
     argv = [a for a in sys.argv[1:] if a not in ("-m", "--multirun")]
     # keep flags such as -cp/-cn, drop every key=value and put the job's own overrides back
@@ -108,7 +108,7 @@ def fix_hydra_multirun_for_ddp(hydra_cfg) -> None:
             flags.append(a)
             skip = a in ("-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir")
     sys.argv = [sys.argv[0], *flags, *list(hydra_cfg.overrides.task)]
-    with open_dict(hydra_cfg):
+    with read_write(hydra_cfg), open_dict(hydra_cfg):
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
 
 
@@ -129,6 +129,18 @@ def fail_before_work(err: BaseException, fresh_run_dir: Path) -> None:
     message = " ".join(str(cause).split()) or type(cause).__name__
     print(f"error: {message}", file=sys.stderr)
     sys.exit(1)
+
+
+def reset_distributed(env_before: dict) -> None:
+    """Undo what a DDP launch left in this process (the process group and the LOCAL_RANK,
+    WORLD_SIZE, MASTER_* variables), so that the next job of a sweep launches its own ranks."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for key in set(os.environ) - set(env_before):
+        del os.environ[key]
+    os.environ.update(env_before)
 
 
 def to_container(cfg: DictConfig) -> dict:

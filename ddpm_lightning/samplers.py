@@ -148,5 +148,27 @@ def sampler_kwargs(settings) -> dict:
     return settings
 
 
+def check_settings(settings, T: int, key: str = "sampler") -> dict:
+    """Validate config-form sampler settings against a chain of T steps, before any work."""
+    kwargs = sampler_kwargs(settings)
+    name = kwargs.get("sampler", "ddpm")
+    if name not in SAMPLERS:
+        raise ValueError(f"{key}.name={name!r} is unknown; valid values: {', '.join(SAMPLERS)}")
+    steps = kwargs.get("steps")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
+                              or not 1 <= steps <= T):
+        raise ValueError(f"{key}.steps={steps!r} is invalid; it must be an integer in [1, T={T}]")
+    eta = kwargs.get("eta", 0.0)
+    if not (isinstance(eta, (int, float)) and np.isfinite(eta) and eta >= 0):
+        raise ValueError(f"{key}.eta={eta!r} is invalid; it must be a finite number >= 0")
+    spacing = kwargs.get("spacing", "uniform")
+    if spacing not in SPACINGS:
+        raise ValueError(f"{key}.spacing={spacing!r} is unknown; valid values: {', '.join(SPACINGS)}")
+    variance = kwargs.get("variance")
+    if variance not in (None, "small", "large", "fixed_small", "fixed_large"):
+        raise ValueError(f"{key}.variance={variance!r} is unknown; valid values: null, large, small")
+    return kwargs
+
+
 def _params(model):
     return model.parameters() if hasattr(model, "parameters") else iter(())

@@ -1,0 +1,138 @@
+"""train.py end to end, as subprocesses on tiny models (CPU)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import TINY, read_metrics, run_script, series
+
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf/experiment").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def rgb_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("rgb")
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    return root
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_trains_two_steps(experiment, tmp_path, rgb_folder):
+    run = tmp_path / "run"
+    args = [f"experiment={experiment}", *TINY, f"hydra.run.dir={run}", "trainer.max_steps=2",
+            "trainer.accelerator=cpu", "trainer.precision=32-true"]
+    if experiment != "cpu_embedded":  # the paper's datasets are not on this machine
+        args += ["data=folder", f"data.root={rgb_folder}", "data.num_workers=0",
+                 "model.in_channels=3", "data.channels=3"]
+    _ok(run_script("train.py", *args))
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "schedule.png").is_file()
+    assert list((run / "samples").glob("step_*.png"))
+    assert (run / "config.yaml").is_file()
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert any(k.startswith("ema_model.") for k in ckpt["state_dict"])
+    assert ckpt["hyper_parameters"]["run_config"]["name"] == experiment
+
+
+def test_logged_keys(tmp_path):
+    run = tmp_path / "run"
+    _ok(run_script("train.py", *TINY, f"hydra.run.dir={run}", "trainer.max_steps=4",
+                   "trainer.limit_train_batches=2"))
+    rows = read_metrics(run)
+    keys = set().union(*(r.keys() for r in rows))
+    for key in ("train/loss", "train/loss_q0", "train/loss_q3", "train/lr", "train/grad_norm",
+                "train/images_per_sec", "val/loss"):
+        assert key in keys, sorted(keys)
+    lr = [v for _, v in series(rows, "train/lr")]
+    assert lr == sorted(lr)  # linear warm-up
+
+
+def test_resume_gives_the_same_losses(tmp_path):
+    common = [*TINY, "trainer.limit_train_batches=3", "callbacks.checkpoint.every_n_train_steps=3"]
+    full = tmp_path / "full"
+    _ok(run_script("train.py", *common, f"hydra.run.dir={full}", "trainer.max_steps=6"))
+    part = tmp_path / "part"
+    _ok(run_script("train.py", *common, f"hydra.run.dir={part}", "trainer.max_steps=3"))
+    ckpt = part / "checkpoints" / "last.ckpt"
+    resumed = _ok(run_script("train.py", *common, f"hydra.run.dir={tmp_path / 'again'}",
+                             "trainer.max_steps=6", f"resume={ckpt}"))
+    assert "resuming from" in resumed.stderr
+    # the resumed run keeps writing into the run it continues
+    want = series(read_metrics(full), "train/loss")
+    got = series(read_metrics(part), "train/loss")
+    assert [s for s, _ in want] == list(range(6)), want
+    assert [s for s, _ in got] == list(range(6)), got
+    np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-5)
+
+
+def test_resume_auto_finds_the_last_checkpoint(tmp_path):
+    outputs = tmp_path / "outputs"
+    first = _ok(run_script("train.py", *TINY, "trainer.max_steps=2", cwd=tmp_path))
+    assert "run directory:" in first.stdout
+    second = _ok(run_script("train.py", *TINY, "trainer.max_steps=4", "resume=auto", cwd=tmp_path))
+    assert "resuming from" in second.stderr
+    runs = [p for p in (outputs / "cpu_embedded").iterdir() if (p / "checkpoints").is_dir()]
+    assert len(runs) == 1
+    ckpt = torch.load(runs[0] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 4
+
+
+def test_multirun_gives_one_directory_per_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = _ok(run_script("train.py", "-m", "schedule=linear,cosine", *TINY, "trainer.max_steps=2",
+                          f"hydra.sweep.dir={sweep}"))
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0", "1"], proc.stdout
+    for job, schedule in zip(jobs, ("linear", "cosine")):
+        cfg = (sweep / job / "config.yaml").read_text()
+        assert f"name: {schedule}" in cfg
+        assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
+        assert (sweep / job / "schedule.png").is_file()
+
+
+def test_ddp_on_cpu_keeps_ema_equal_and_one_output_dir(tmp_path):
+    proc = _ok(run_script("train.py", *TINY, "trainer=ddp", "trainer.accelerator=cpu",
+                          "trainer.devices=2", "trainer.precision=32-true", "trainer.max_steps=3",
+                          cwd=tmp_path, timeout=600))
+    assert re.search(r"EMA weights identical across 2 ranks", proc.stdout), proc.stdout
+    runs = list((tmp_path / "outputs" / "cpu_embedded").iterdir())
+    assert len(runs) == 1, runs
+
+
+def test_multirun_with_ddp_gives_one_directory_per_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = _ok(run_script("train.py", "-m", "schedule=linear,cosine", *TINY, "trainer=ddp",
+                          "trainer.accelerator=cpu", "trainer.devices=2",
+                          "trainer.precision=32-true", "trainer.max_steps=2",
+                          f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=900))
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"], proc.stdout
+    assert proc.stdout.count("EMA weights identical across 2 ranks") == 2
+    assert not (tmp_path / "outputs").exists()  # no stray second sweep or run folder
+
+
+def test_wandb_falls_back_to_offline(tmp_path):
+    run = tmp_path / "run"
+    args = [a for a in TINY if not a.startswith("logger=")]
+    proc = _ok(run_script("train.py", *args, "logger=wandb", f"hydra.run.dir={run}",
+                          "trainer.max_steps=3", "schedule=cosine",
+                          env={"WANDB_MODE": None, "WANDB_API_KEY": None, "HOME": str(tmp_path),
+                               "NETRC": str(tmp_path / "none")}))
+    assert "logging offline" in proc.stderr
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1
+    blob = b"".join(p.read_bytes() for p in offline[0].glob("*.wandb"))
+    for key in (b"train/loss", b"train/loss_q0", b"samples", b"cpu_embedded:", b"schedule=cosine"):
+        assert key in blob, key
