@@ -92,3 +92,24 @@ def test_find_resume_checkpoint(tmp_path):
     old.mkdir(parents=True)
     (old / "last.ckpt").write_bytes(b"x")
     assert runtime.find_resume_checkpoint("auto", tmp_path / "new", tmp_path) == old / "last.ckpt"
+
+
+def test_slurm_path_composes_and_lightning_detects_slurm(monkeypatch, tmp_path):
+    """Multi-node cannot run here; check the config and Lightning's SLURM detection."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    cfg = _compose("experiment=cifar10_ddpm", "trainer=slurm", "trainer.num_nodes=2",
+                   "trainer.devices=2", "hydra/launcher=submitit_slurm",
+                   "hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=2", hydra=True)
+    assert cfg.trainer.strategy == "ddp" and cfg.trainer.num_nodes == 2
+    assert "submitit" in cfg.hydra.launcher._target_ and cfg.hydra.launcher.nodes == 2
+    # what srun sets for task 3 of 4 (node 1, local rank 1)
+    for key, value in {"SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NODEID": "1",
+                       "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123",
+                       "SLURM_JOB_NAME": "train", "SLURM_NODELIST": "node[1-2]"}.items():
+        monkeypatch.setenv(key, value)
+    trainer = instantiate(cfg.trainer, accelerator="cpu", logger=False,
+                          default_root_dir=str(tmp_path))
+    env = trainer.strategy.cluster_environment
+    assert isinstance(env, SLURMEnvironment)
+    assert (env.world_size(), env.global_rank(), env.local_rank(), env.node_rank()) == (4, 3, 1, 1)
