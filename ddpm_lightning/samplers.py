@@ -25,9 +25,9 @@ def timestep_subsequence(T: int, steps: int, spacing: Literal["uniform", "quadra
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
         raise ValueError(f"sampler.steps={steps!r} is invalid; it must be an integer in [1, T={T}]")
     if spacing == "uniform":
-        seq = np.round(np.linspace(0, T - 1, steps)).astype(np.int64)
+        seq = np.round(np.linspace(T - 1, 0, steps)[::-1]).astype(np.int64)
     elif spacing == "quadratic":
-        seq = np.round(np.linspace(0, np.sqrt(0.8 * (T - 1)), steps) ** 2).astype(np.int64)
+        seq = np.round(np.linspace(np.sqrt(0.8 * (T - 1)), 0, steps)[::-1] ** 2).astype(np.int64)
     else:
         raise ValueError(f"sampler.spacing={spacing!r} is unknown; valid values: {', '.join(SPACINGS)}")
     for i in range(1, len(seq)):  # make strictly increasing without leaving [0, T − 1]
