@@ -3,7 +3,6 @@ and Hydra multirun under DDP. Lightning-free except where it touches the Trainer
 
 from __future__ import annotations
 
-import contextlib
 import netrc
 import os
 import shutil
@@ -116,11 +115,8 @@ def fail_before_work(err: BaseException, fresh_run_dir: Path) -> None:
     """Report a configuration error in one line and exit 1, removing the run folder Hydra just
     created if it holds nothing but Hydra's own files. HYDRA_FULL_ERROR=1 re-raises instead."""
     if fresh_run_dir.is_dir() and not is_ddp_child():
-        own = {".hydra", "train.log", "config.yaml"}
-        if all(p.name in own for p in fresh_run_dir.iterdir()):
+        if all(p.name == ".hydra" or p.suffix == ".log" for p in fresh_run_dir.iterdir()):
             shutil.rmtree(fresh_run_dir, ignore_errors=True)
-            with contextlib.suppress(OSError):  # the experiment folder, if now empty
-                fresh_run_dir.parent.rmdir()
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise err
     cause = err

@@ -1,0 +1,106 @@
+"""sample.py end to end on a tiny checkpoint, and checkpoint loading errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm_lightning.checkpoint import CheckpointError, load_module, read_checkpoint
+from helpers import TINY, run_script
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("train") / "run"
+    proc = run_script("train.py", *TINY, f"hydra.run.dir={run}", "trainer.max_steps=3",
+                      "module.ema_decay=0.5")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run / "checkpoints" / "last.ckpt"
+
+
+def _sample(ckpt, out, *args, **kw):
+    return run_script("sample.py", f"ckpt_path={ckpt}", f"hydra.run.dir={out}", "progress=false",
+                      *args, **kw)
+
+
+def _npz(out: Path) -> np.ndarray:
+    with np.load(out / "samples.npz") as f:
+        return f["arr_0"]
+
+
+def test_samples_npz_grid_and_metrics(ckpt, tmp_path):
+    out = tmp_path / "s"
+    proc = _sample(ckpt, out, "num_samples=5", "batch_size=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    arr = _npz(out)
+    assert arr.dtype == np.uint8 and arr.shape == (5, 16, 16, 1)  # NHWC
+    assert (out / "grid.png").is_file()
+    meta = json.loads((out / "metrics.json").read_text())
+    assert meta["use_ema"] is True and meta["global_step"] == 3 and meta["num_samples"] == 5
+
+
+def test_ddp_sampling_gathers_every_sample_once(ckpt, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["num_samples=7", "batch_size=2", "sampler.name=ddim", "sampler.steps=10"]
+    assert _sample(ckpt, one, *common).returncode == 0
+    proc = _sample(ckpt, two, *common, "devices=2", "accelerator=cpu", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _npz(one), _npz(two)
+    assert b.shape == (7, 16, 16, 1)
+    np.testing.assert_array_equal(a, b)  # the same samples, whatever the number of devices
+    assert len({x.tobytes() for x in b}) == 7  # no duplicates
+
+
+def test_use_ema_false_uses_the_raw_weights(ckpt, tmp_path):
+    common = ["num_samples=2", "sampler.name=ddim", "sampler.steps=5"]
+    assert _sample(ckpt, tmp_path / "ema", *common).returncode == 0
+    assert _sample(ckpt, tmp_path / "raw", *common, "use_ema=false").returncode == 0
+    assert not np.array_equal(_npz(tmp_path / "ema"), _npz(tmp_path / "raw"))
+
+
+def test_nll_reports_the_parts_of_the_bound(ckpt, tmp_path):
+    out = tmp_path / "nll"
+    proc = _sample(ckpt, out, "num_samples=1", "metrics=[nll]", "nll.max_images=4",
+                   "nll.batch_size=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    nll = json.loads((out / "metrics.json").read_text())["nll"]
+    assert nll["images"] == 4
+    parts = nll["prior_bpd"] + nll["vb_bpd"] + nll["decoder_bpd"]
+    assert nll["total_bpd"] == pytest.approx(parts, rel=1e-6) and nll["total_bpd"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["num_samples=0"], "num_samples=0 is invalid"),
+    (["batch_size=-3"], "batch_size=-3 is invalid"),
+    (["sampler.steps=51"], r"sampler.steps=51 is invalid; it must be an integer in [1, T=50]"),
+    (["sampler.eta=-1"], "sampler.eta=-1 is invalid"),
+    (["metrics=[fid,bogus]"], "metrics=['fid', 'bogus'] has unknown 'bogus'"),
+])
+def test_bad_requests_fail_before_any_work(ckpt, tmp_path, args, message):
+    out = tmp_path / "bad"
+    proc = _sample(ckpt, out, *args)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == "error: " + message or message in proc.stderr
+    assert message in proc.stderr.strip().splitlines()[-1]
+    assert not out.exists()  # nothing half-written
+
+
+def test_bad_checkpoints_get_one_line_errors(tmp_path, ckpt):
+    missing = tmp_path / "nope.ckpt"
+    proc = _sample(missing, tmp_path / "o")
+    assert proc.returncode == 1 and f"error: ckpt_path={missing} does not exist" in proc.stderr
+    truncated = tmp_path / "trunc.ckpt"
+    truncated.write_bytes(ckpt.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        read_checkpoint(truncated)
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(CheckpointError, match="not a Lightning checkpoint"):
+        read_checkpoint(foreign)
+    other = dict(read_checkpoint(ckpt)["hyper_parameters"]["run_config"]["model"], ch=64)
+    with pytest.raises(CheckpointError, match="does not fit the model.*shape"):
+        load_module(ckpt, model_config=other)
