@@ -9,9 +9,11 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm_lightning import runtime
+from ddpm_lightning.checkpoint import AtomicCheckpointIO, CheckpointError, check_fits, read_checkpoint
 
 
 def build(cfg: DictConfig):
@@ -30,11 +32,17 @@ def build(cfg: DictConfig):
             "that run, or choose another directory"
         )
 
+    runtime.validate_trainer(cfg.trainer)
     betas = instantiate(cfg.schedule)
     model = instantiate(cfg.model)
     module = instantiate(cfg.module, model=model, betas=betas,
                          run_config=runtime.to_container(cfg), _recursive_=False)
     module.schedule_name = cfg.schedule.name
+    if resume_ckpt is not None:  # refuse a corrupt or foreign checkpoint before any work
+        ckpt = read_checkpoint(resume_ckpt, key="resume")
+        runtime.check_same_run(ckpt["hyper_parameters"]["run_config"], cfg, resume_ckpt)
+        check_fits(module, ckpt["state_dict"], "resume", resume_ckpt)
+        del ckpt
     datamodule = instantiate(cfg.data)
     if datamodule.hparams.get("channels", model.in_channels) != model.in_channels:
         raise runtime.ConfigError(
@@ -86,7 +94,7 @@ def build(cfg: DictConfig):
         loggers.append(logger)
 
     trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks,
-                          logger=loggers or False)
+                          logger=loggers or False, plugins=[AtomicCheckpointIO()])
     assert isinstance(trainer, L.Trainer)
     return module, datamodule, trainer, resume_ckpt, run_dir
 
@@ -101,7 +109,8 @@ def main(cfg: DictConfig) -> None:
     L.seed_everything(cfg.seed, workers=True)
     try:
         module, datamodule, trainer, resume_ckpt, run_dir = build(cfg)
-    except (ValueError, FileNotFoundError, TypeError, InstantiationException) as err:
+    except (ValueError, FileNotFoundError, TypeError, InstantiationException,
+            MisconfigurationException) as err:
         runtime.fail_before_work(err, Path(hc.runtime.output_dir))
     if trainer.is_global_zero:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
@@ -111,6 +120,13 @@ def main(cfg: DictConfig) -> None:
     try:
         trainer.fit(module, datamodule=datamodule,
                     ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+    except (FloatingPointError, CheckpointError) as err:
+        # A diverged run (or a failed save) stops with one line; its last good checkpoint
+        # stays. In a sweep, the other jobs go on.
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        if str(hc.mode) != "RunMode.MULTIRUN":
+            sys.exit(1)
+        return
     finally:
         if str(hc.mode) == "RunMode.MULTIRUN":
             runtime.reset_distributed(env_before)  # the next job of the sweep starts clean

@@ -110,3 +110,50 @@ class SchedulePlot(L.Callback):
         fig.savefig(path, dpi=100)
         plt.close(fig)
         _log_image(trainer, "schedule", path, trainer.global_step)
+
+
+class Preemption(L.Callback):
+    """On SIGTERM or SIGINT (preemption, Ctrl-C): finish the current step, save
+    ``<run dir>/checkpoints/last.ckpt``, and stop cleanly, so that ``resume=auto`` continues.
+    A second SIGINT interrupts at once. Under DDP the decision is shared by all ranks."""
+
+    def __init__(self, signals=("SIGTERM", "SIGINT")):
+        self.signals = tuple(signals)
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def _handler(self, signum, frame):
+        import signal
+
+        name = signal.Signals(signum).name
+        if self.received == "SIGINT" and name == "SIGINT":
+            raise KeyboardInterrupt
+        self.received = name
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in self.signals:
+            sig = getattr(signal, name)
+            self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handler)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stop = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
+        if stop and not trainer.should_stop:
+            path = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+            trainer.save_checkpoint(path)
+            trainer.should_stop = True
+            if trainer.is_global_zero:
+                print(f"received {self.received or 'a stop signal'}: saved {path} at step "
+                      f"{trainer.global_step}; continue with resume=auto", flush=True)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()

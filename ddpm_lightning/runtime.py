@@ -65,6 +65,58 @@ def run_identity(cfg: DictConfig, hydra_cfg) -> dict:
     return {"name": name, "group": group, "overrides": overrides}
 
 
+def validate_trainer(trainer_cfg) -> None:
+    """Reject trainer settings Lightning would accept silently or fail on late."""
+    import torch
+
+    devices, accel = trainer_cfg.get("devices", 1), str(trainer_cfg.get("accelerator", "auto"))
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        if devices < 1 and devices != -1:
+            raise ConfigError(f"trainer.devices={devices} is invalid; use an integer >= 1 or -1")
+        available = (torch.cuda.device_count() if accel in ("gpu", "cuda")
+                     else os.cpu_count() or 1 if accel == "cpu" else None)
+        if available is not None and devices > available:
+            raise ConfigError(
+                f"trainer.devices={devices} is more than the {available} "
+                f"{'GPUs' if accel in ('gpu', 'cuda') else 'CPU cores'} this machine has "
+                f"(trainer.accelerator={accel})"
+            )
+    checks = {
+        "max_steps": (lambda v: isinstance(v, int) and (v >= 1 or v == -1),
+                      "an integer >= 1 (or -1 for no limit)"),
+        "gradient_clip_val": (lambda v: v is None or (_is_number(v) and 0 <= v < float("inf")),
+                              "a number >= 0, or null"),
+        "log_every_n_steps": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+        "num_nodes": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+        "limit_train_batches": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+        "limit_val_batches": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+        "val_check_interval": (lambda v: v is None or (_is_number(v) and v > 0),
+                               "a number > 0, or null"),
+        "check_val_every_n_epoch": (lambda v: v is None or (isinstance(v, int) and v >= 1),
+                                    "an integer >= 1, or null"),
+    }
+    for key, (ok, valid) in checks.items():
+        if key in trainer_cfg and not ok(trainer_cfg[key]):
+            raise ConfigError(f"trainer.{key}={trainer_cfg[key]!r} is invalid; it must be {valid}")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+
+def check_same_run(saved: dict, cfg: DictConfig, path) -> None:
+    """A checkpoint resumes only the run it came from: same network and same schedule."""
+    current = OmegaConf.to_container(cfg, resolve=True)
+    for group in ("model", "schedule"):
+        for key in sorted(set(saved.get(group, {})) | set(current.get(group, {}))):
+            old, new = saved.get(group, {}).get(key), current.get(group, {}).get(key)
+            if old != new:
+                raise ConfigError(
+                    f"resume={path} was trained with {group}.{key}={old!r}, but this run has "
+                    f"{group}.{key}={new!r}; resume with the same {group} settings"
+                )
+
+
 def find_resume_checkpoint(resume: str | None, run_dir: Path, outputs_root: Path) -> Path | None:
     """Resolve ``resume``: None → None; a path → that file (which must exist); "auto" → the
     newest ``checkpoints/last.ckpt`` of this run directory or, failing that, of the latest

@@ -50,7 +50,7 @@ def test_every_experiment_trains_two_steps(experiment, tmp_path, rgb_folder):
 def test_logged_keys(tmp_path):
     run = tmp_path / "run"
     _ok(run_script("train.py", *TINY, f"hydra.run.dir={run}", "trainer.max_steps=4",
-                   "trainer.limit_train_batches=2"))
+                   "trainer.val_check_interval=2"))
     rows = read_metrics(run)
     keys = set().union(*(r.keys() for r in rows))
     for key in ("train/loss", "train/loss_q0", "train/loss_q3", "train/lr", "train/grad_norm",
