@@ -145,6 +145,12 @@ class DDPM(L.LightningModule):
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads:
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            # fp16 AMP overflows on purpose: its grad scaler skips those steps itself
+            if not torch.isfinite(norm) and not str(self.trainer.precision).startswith("16"):
+                raise FloatingPointError(
+                    f"non-finite gradient norm {norm.item()} at global step {self.global_step}; "
+                    "the last good checkpoint is kept"
+                )
             self.log("train/grad_norm", norm)
 
     def optimizer_step(self, *args, **kwargs) -> None:
