@@ -32,7 +32,10 @@ def build(cfg: DictConfig):
             "that run, or choose another directory"
         )
 
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise runtime.ConfigError(f"seed={cfg.seed!r} is invalid; it must be an integer")
     runtime.validate_trainer(cfg.trainer)
+    runtime.validate_callbacks(cfg.get("callbacks"))
     betas = instantiate(cfg.schedule)
     model = instantiate(cfg.model)
     module = instantiate(cfg.module, model=model, betas=betas,
@@ -44,6 +47,12 @@ def build(cfg: DictConfig):
         check_fits(module, ckpt["state_dict"], "resume", resume_ckpt)
         del ckpt
     datamodule = instantiate(cfg.data)
+    datamodule.check_source()
+    if datamodule.hparams.image_size != model.image_size:
+        raise runtime.ConfigError(
+            f"data.image_size={datamodule.hparams.image_size} does not match "
+            f"model.image_size={model.image_size}"
+        )
     if datamodule.hparams.get("channels", model.in_channels) != model.in_channels:
         raise runtime.ConfigError(
             f"data.channels={datamodule.hparams.channels} does not match "

@@ -157,3 +157,11 @@ class Preemption(L.Callback):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+class FinalCheckpoint(L.Callback):
+    """Save ``<run dir>/checkpoints/last.ckpt`` when training ends normally, so the last state
+    is always there, whatever the periodic checkpoint interval."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        trainer.save_checkpoint(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt")

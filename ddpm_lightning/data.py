@@ -13,6 +13,7 @@ that hook, the datamodule's version still wins (Lightning warns).
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -145,6 +146,26 @@ class DiffusionDataModule(LightningDataModule):
         """Download (rank 0 only) when ``download`` is true; otherwise nothing."""
         if self.download and self.dataset in ("mnist", "fashion_mnist", "cifar10"):
             ds.download(self.dataset, self.root)
+
+    def check_source(self) -> None:
+        """Check that the images are where the config says, without loading them, so that a
+        bad ``data.root`` fails before any work (raises the same one-line errors as setup)."""
+        if self.dataset == "folder":
+            ds.list_image_files(self.root)
+        elif self.dataset == "embedded":
+            ds.embedded_csv_path()
+        elif self.download:
+            return  # prepare_data fetches what is missing
+        elif self.dataset == "cifar10":
+            if not (Path(str(self.root)).expanduser() / "cifar-10-batches-py").is_dir():
+                ds.load_cifar10(self.root, train=True)  # raises the explanatory error
+        else:
+            for train in (True, False):
+                stem = f"{'train' if train else 't10k'}-images-idx3-ubyte"
+                root = Path(str(self.root)).expanduser()
+                folders = (root, root / ds._MNIST_FOLDERS[self.dataset] / "raw")
+                if not any((f / n).is_file() for f in folders for n in (stem, stem + ".gz")):
+                    ds.load_mnist_like(self.dataset, self.root, train)  # raises
 
     def setup(self, stage: str | None = None) -> None:
         """Build the train and val/test datasets (once; later calls are no-ops)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -39,6 +40,13 @@ class DDPM(L.LightningModule):
         sampler: default sampling settings for grids and evaluation (see ``samplers.sample``).
         run_config: the resolved run configuration, kept in the checkpoint so that the model can
             be rebuilt without repeating the training overrides.
+        channels_last: store the weights of ``model`` and ``ema_model`` channels-last (a layout
+            change only: same function, same state_dict); False converts them to the classic
+            NCHW layout. Our UNet is channels-last already.
+        compile: ``torch.compile`` the training network's call (``model.compile``): False, True,
+            or a mode name ("default", "reduce-overhead", "max-autotune"). The EMA copy stays
+            eager and the state_dict keys are unchanged. Compilation happens on the first
+            step (slow once). Neither option is saved in the hyperparameters.
     """
 
     def __init__(
@@ -58,17 +66,17 @@ class DDPM(L.LightningModule):
         use_ema: bool = True,
         sampler: Mapping | None = None,
         run_config: Mapping | None = None,
+        channels_last: bool = True,
+        compile: bool | str = False,
     ):
         super().__init__()
-        for key, value, ok in (
-            ("module.lr", lr, lr > 0),
-            ("module.ema_decay", ema_decay, 0.0 <= ema_decay < 1.0),
-            ("module.warmup_steps", warmup_steps, warmup_steps >= 0),
-            ("module.weight_decay", weight_decay, weight_decay >= 0),
-            ("module.adam_eps", adam_eps, adam_eps > 0),
-        ):
-            if not ok or value != value:
-                raise ValueError(f"{key}={value!r} is out of range")
+        _check_number("module.lr", lr, "a finite number > 0", lambda v: v > 0)
+        _check_number("module.ema_decay", ema_decay, "a number in [0, 1)", lambda v: 0 <= v < 1)
+        _check_number("module.warmup_steps", warmup_steps, "an integer >= 0",
+                      lambda v: v >= 0 and float(v).is_integer() and isinstance(v, int))
+        _check_number("module.weight_decay", weight_decay, "a finite number >= 0",
+                      lambda v: v >= 0)
+        _check_number("module.adam_eps", adam_eps, "a finite number > 0", lambda v: v > 0)
         if len(adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in adam_betas):
             raise ValueError(f"module.adam_betas={list(adam_betas)!r} must be two numbers in [0, 1)")
         # Plain Python containers only, so that checkpoints load with torch.load(weights_only=True).
@@ -79,8 +87,11 @@ class DDPM(L.LightningModule):
             "ema_decay": ema_decay, "use_ema": use_ema, "sampler": sampler or {},
             "run_config": run_config,
         }), ignore=["model", "betas"], logger=False)
-        self.model = model
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.to(memory_format=fmt)
         self.ema_model = copy.deepcopy(model).eval().requires_grad_(False)
+        if compile:  # after the EMA copy; compiles __call__ in place, so no key changes
+            self.model.compile(**({} if compile is True else {"mode": compile}))
         self.diffusion = GaussianDiffusion(
             betas,
             parameterization=parameterization,
@@ -216,6 +227,13 @@ class DDPM(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _check_number(key: str, value, valid: str, ok) -> None:
+    """Raise a one-line ValueError unless ``value`` is a finite real number passing ``ok``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{key}={value!r} is invalid; it must be {valid}")
 
 
 def _plain(value):

@@ -94,10 +94,29 @@ def validate_trainer(trainer_cfg) -> None:
                                "a number > 0, or null"),
         "check_val_every_n_epoch": (lambda v: v is None or (isinstance(v, int) and v >= 1),
                                     "an integer >= 1, or null"),
+        "num_sanity_val_steps": (lambda v: isinstance(v, int) and v >= -1,
+                                 "an integer >= 0 (or -1 for all)"),
     }
     for key, (ok, valid) in checks.items():
         if key in trainer_cfg and not ok(trainer_cfg[key]):
             raise ConfigError(f"trainer.{key}={trainer_cfg[key]!r} is invalid; it must be {valid}")
+
+
+def check_int(key: str, value, lo: int | None = None) -> None:
+    """Raise a one-line ConfigError unless ``value`` is an integer >= ``lo``."""
+    if isinstance(value, bool) or not isinstance(value, int) or (lo is not None and value < lo):
+        bound = "" if lo is None else f" >= {lo}"
+        raise ConfigError(f"{key}={value!r} is invalid; it must be an integer{bound}")
+
+
+def validate_callbacks(callbacks_cfg) -> None:
+    """Integer settings of the callbacks that Lightning would accept as floats or negatives."""
+    bounds = {"every_n_train_steps": 0, "save_top_k": -1, "every_n_steps": 1, "num_images": 1,
+              "seed": None, "num_samples": 1, "batch_size": 1}
+    for name, cb in (callbacks_cfg or {}).items():
+        for key, lo in bounds.items():
+            if cb is not None and key in cb and cb[key] is not None:
+                check_int(f"callbacks.{name}.{key}", cb[key], lo)
 
 
 def _is_number(v) -> bool:
@@ -108,7 +127,8 @@ def check_same_run(saved: dict, cfg: DictConfig, path) -> None:
     """A checkpoint resumes only the run it came from: same network and same schedule."""
     current = OmegaConf.to_container(cfg, resolve=True)
     for group in ("model", "schedule"):
-        for key in sorted(set(saved.get(group, {})) | set(current.get(group, {}))):
+        keys = set(saved.get(group, {})) | set(current.get(group, {}))
+        for key in sorted(keys, key=lambda k: (k not in ("name", "T"), k)):  # the name first
             old, new = saved.get(group, {}).get(key), current.get(group, {}).get(key)
             if old != new:
                 raise ConfigError(
