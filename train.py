@@ -48,6 +48,13 @@ def build(cfg: DictConfig):
         del ckpt
     datamodule = instantiate(cfg.data)
     datamodule.check_source()
+    want_out = model.in_channels * (2 if module.diffusion.learned_variance else 1)
+    if model.out_channels != want_out:
+        raise runtime.ConfigError(
+            f"model.out_channels={model.out_channels} does not fit "
+            f"module.variance={module.diffusion.variance!r}, which needs {want_out} "
+            f"({'2 × ' if want_out != model.in_channels else ''}in_channels)"
+        )
     if datamodule.hparams.image_size != model.image_size:
         raise runtime.ConfigError(
             f"data.image_size={datamodule.hparams.image_size} does not match "

@@ -339,14 +339,16 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def bits_per_dim(
-        self, model: Model, x0: torch.Tensor, clip_denoised: bool = True, progress: bool = False
+        self, model: Model, x0: torch.Tensor, clip_denoised: bool = True, progress: bool = False,
+        noise: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The negative log-likelihood bound of Table 1, in bits/dim, per sample.
 
         Evaluates every one of the T terms (one network call each) on ``x0`` in [−1, 1]:
         L = L_T + Σ_{t>1} L_{t−1} + L_0. Returns a dict of per-sample tensors: ``total``,
         ``prior`` (L_T), ``vb`` (Σ_{t>1} L_{t−1}), ``decoder`` (L_0) and ``terms`` ([B, T],
-        column t holding the term at 0-indexed t).
+        column t holding the term at 0-indexed t). ``noise`` fixes the ε of every x_t (fresh
+        ε per t by default); either way each term is an unbiased estimate.
         """
         T = self.num_timesteps
         terms = torch.zeros(x0.shape[0], T, device=x0.device, dtype=torch.float32)
@@ -357,7 +359,7 @@ class GaussianDiffusion:
             steps = tqdm(steps, desc="bits/dim", total=T, leave=False)
         for i in steps:
             t = torch.full((x0.shape[0],), i, device=x0.device, dtype=torch.long)
-            x_t = self.q_sample(x0, t)
+            x_t = self.q_sample(x0, t, noise)
             terms[:, i] = self._vb_terms_bpd(model, x0, x_t, t, clip_denoised=clip_denoised)
         prior = self.prior_bpd(x0).float()
         decoder = terms[:, 0]

@@ -101,6 +101,11 @@ class DDPM(L.LightningModule):
         )
         self.sampler = dict(self.hparams.sampler)
         check_settings(self.sampler, self.diffusion.num_timesteps, key="module.sampler")
+        if self.diffusion.learned_variance and self.sampler.get("variance") is not None:
+            raise ValueError(
+                f"module.sampler.variance={self.sampler['variance']!r} cannot be used with "
+                f"module.variance={variance!r}: the network predicts Σ; set it to null"
+            )
         self._last_batch_end: float | None = None
 
     # ------------------------------------------------------------- networks

@@ -59,7 +59,7 @@ def run_identity(cfg: DictConfig, hydra_cfg) -> dict:
     """W&B name/group/tags: the experiment name plus every swept key, so that dashboards compare
     runs with no editing. A multirun shares one group per sweep."""
     overrides = swept_overrides(hydra_cfg)
-    name = cfg.name + (":" + ",".join(overrides) if overrides else "")
+    name = cfg.get("job_name") or cfg.name + (":" + ",".join(overrides) if overrides else "")
     multirun = str(hydra_cfg.mode) == "RunMode.MULTIRUN"
     group = f"{cfg.name}/{Path(hydra_cfg.sweep.dir).name}" if multirun else cfg.name
     return {"name": name, "group": group, "overrides": overrides}

@@ -1,0 +1,129 @@
+"""Parameterizations, objectives and variances (Table 2), against closed forms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpm_lightning.diffusion import GaussianDiffusion
+from ddpm_lightning.samplers import sample
+from ddpm_lightning.schedules import make_beta_schedule
+from ddpm_lightning.unet import UNet
+from helpers import TINY, run_script
+
+ROWS = ["mu_vlb_learned", "mu_vlb_fixed", "mu_mse", "eps_vlb_learned", "eps_vlb_fixed",
+        "eps_simple"]
+
+
+def _data(seed=0, shape=(4, 1, 8, 8)):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1
+    return x0, torch.randn(shape, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("t", [0, 1, 250, 999])
+def test_oracle_gives_the_same_posterior_mean_for_every_parameterization(t):
+    betas = make_beta_schedule("linear", 1000)
+    x0, noise = _data()
+    tt = torch.full((4,), t)
+    ref = GaussianDiffusion(betas)
+    x_t = ref.q_sample(x0, tt, noise)
+    true_mean, _, _ = ref.q_posterior_mean_variance(x0, x_t, tt)
+    truths = {"eps": noise, "x0": x0, "mu": true_mean}
+    for param, target in truths.items():
+        d = GaussianDiffusion(betas, parameterization=param)
+        out = d.p_mean_variance(lambda x, s: target, x_t, tt, clip_denoised=False)
+        assert torch.allclose(out["mean"], true_mean, atol=1e-9), param
+        assert torch.allclose(out["pred_x0"], x0, atol=1e-6), param
+
+
+def test_learned_range_endpoints_are_exact():
+    betas = make_beta_schedule("linear", 100)
+    d = GaussianDiffusion(betas, variance="learned_range", objective="hybrid")
+    x_t = torch.zeros(3, 1, 2, 2, dtype=torch.float64)
+    t = torch.tensor([0, 40, 99])
+    for v, table in ((0.0, "posterior_log_variance_clipped"), (1.0, "log_betas")):
+        out = torch.cat([torch.zeros_like(x_t), torch.full_like(x_t, v)], dim=1)
+        got = d.p_mean_variance(None, x_t, t, output=out)["log_variance"]
+        want = getattr(d, table)[t].view(-1, 1, 1, 1).expand_as(x_t)
+        assert torch.equal(got, want), v
+
+
+@pytest.mark.parametrize("param, variance", [("eps", "fixed_large"), ("mu", "fixed_small"),
+                                             ("x0", "learned"), ("eps", "learned_range")])
+def test_vlb_training_loss_equals_the_bits_per_dim_term(param, variance):
+    """The vlb loss at t is the term L_{t-1} of bits_per_dim, both in bits per dimension."""
+    torch.manual_seed(0)
+    learned = variance.startswith("learned")
+    net = UNet(in_channels=1, out_channels=2 if learned else 1, ch=32, ch_mult=(1, 2),
+               num_res_blocks=1, attn_resolutions=(4,), image_size=8, dropout=0.0)
+    torch.nn.init.normal_(net.conv_out.weight, std=0.05)  # a non-trivial output
+    d = GaussianDiffusion(make_beta_schedule("linear", 10, beta_end=0.2), parameterization=param,
+                          variance=variance, objective="vlb")
+    x0 = torch.randint(0, 256, (3, 1, 8, 8)).float() / 127.5 - 1
+    noise = torch.randn_like(x0)
+    with torch.no_grad():
+        bpd = d.bits_per_dim(net, x0, clip_denoised=False, noise=noise)
+        for t in range(10):
+            loss, _ = d.training_loss(net, x0, t=torch.full((3,), t), noise=noise)
+            assert torch.allclose(loss, bpd["terms"][:, t], rtol=1e-5, atol=1e-6), t
+
+
+def test_hybrid_trains_the_variance_only_through_the_bound():
+    torch.manual_seed(0)
+    net = UNet(in_channels=1, out_channels=2, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+               attn_resolutions=(4,), image_size=8, dropout=0.0)
+    d = GaussianDiffusion(make_beta_schedule("linear", 10), variance="learned_range",
+                          objective="hybrid")
+    simple = GaussianDiffusion(make_beta_schedule("linear", 10))
+    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+    noise, t = torch.randn_like(x0), torch.tensor([0, 3, 6, 9])
+    hybrid, _ = d.training_loss(net, x0, t=t, noise=noise)
+    mse, _ = simple.training_loss(lambda x, s: net(x, s)[:, :1], x0, t=t, noise=noise)
+    assert torch.all(hybrid >= mse - 1e-6) and not torch.allclose(hybrid, mse)
+
+
+@pytest.mark.parametrize("variance", ["learned", "learned_range"])
+def test_samplers_and_bpd_run_with_a_learned_variance(variance):
+    torch.manual_seed(0)
+    net = UNet(in_channels=1, out_channels=2, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+               attn_resolutions=(4,), image_size=8, dropout=0.0).eval()
+    d = GaussianDiffusion(make_beta_schedule("linear", 20), variance=variance, objective="vlb")
+    for kwargs in (dict(sampler="ddpm"), dict(sampler="ddpm", steps=5), dict(sampler="ddim", steps=5)):
+        x = sample(net, d, (2, 1, 8, 8), device="cpu", **kwargs)
+        assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
+    x0 = torch.rand(2, 1, 8, 8) * 2 - 1
+    assert torch.isfinite(d.bits_per_dim(net, x0)["total"]).all()
+
+
+@pytest.mark.slow
+def test_table2_sweep_trains_every_row(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_script("train.py", "-m", "experiment=cifar10_table2", *TINY,
+                      "data=embedded", "model.in_channels=1", "trainer.accelerator=cpu",
+                      "trainer.precision=32-true", "trainer.max_steps=50",
+                      "module.warmup_steps=10", f"hydra.sweep.dir={sweep}", timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 6
+    names = set()
+    for job in jobs:
+        cfg = (job / "config.yaml").read_text()
+        names.add(next(line.split(": ")[1] for line in cfg.splitlines()
+                       if line.startswith("job_name:")))
+        ckpt = torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)
+        assert ckpt["global_step"] == 50
+        losses = [v for k, v in ckpt["state_dict"].items() if v.is_floating_point()]
+        assert all(torch.isfinite(v).all() for v in losses)
+    assert names == set(ROWS)
+
+
+def test_learned_variance_needs_twice_the_channels(tmp_path):
+    proc = run_script("train.py", *TINY, f"hydra.run.dir={tmp_path / 'r'}",
+                      "module.variance=learned", "module.objective=vlb")
+    assert proc.returncode == 1
+    assert "model.out_channels=1 does not fit module.variance='learned', which needs 2" in \
+        proc.stderr.strip().splitlines()[-1]
+    assert not Path(tmp_path / "r").exists()
