@@ -16,6 +16,13 @@ diffusers' ``google/ddpm-cifar10-32``), so published weights can be mapped onto 
 
 The weights are stored ``channels_last`` and activations stay ``channels_last`` throughout
 (attention reshapes are free views); the output has the memory format of the input.
+
+On the CPU a few layers take faster routes to the same function (up to float rounding; the
+parameters and their names do not change): the attention projections run as one fused 1x1
+convolution, attention over short sequences as two batched GEMMs, each Upsample as one
+transposed convolution, and bf16 GroupNorm inputs are normalised in float32. See
+``AttnBlock``, ``_attention``, ``Upsample`` and ``_norm_act``; ``python -m
+ddpm_lightning.bench`` measures the result against diffusers.
 """
 
 from __future__ import annotations
@@ -49,6 +56,18 @@ def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=1e-6)
 
 
+def _norm_act(norm: nn.GroupNorm, x: torch.Tensor, act: bool = True) -> torch.Tensor:
+    """GroupNorm, then swish unless ``act`` is False. Under CPU bf16 autocast (bf16 activations,
+    float32 GroupNorm parameters) a channels-last input is normalised in float32: the CPU's
+    channels-last GroupNorm backward is 2-6x slower for bf16 than for fp32 inputs (the
+    statistics are float32 either way)."""
+    if (x.dtype == torch.bfloat16 and norm.weight.dtype == torch.float32
+            and x.device.type == "cpu" and _is_channels_last(x)):
+        x = x.float()
+    y = norm(x)
+    return F.silu(y) if act else y
+
+
 class ResBlock(nn.Module):
     """Wide ResNet block: GN→swish→conv3x3, + Linear(swish(temb)), GN→swish→dropout→conv3x3,
     plus a 1x1-conv shortcut when the channel count changes. The last conv is zero-initialised."""
@@ -65,15 +84,21 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """``temb`` is the already swish-activated time embedding [B, temb_ch]."""
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(_norm_act(self.norm1, x))
         h += self.temb_proj(temb)[:, :, None, None]  # in place: conv outputs aren't saved
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv2(self.dropout(_norm_act(self.norm2, h)))
         return h.add_(x if self.shortcut is None else self.shortcut(x))
 
 
 class AttnBlock(nn.Module):
     """Single-head self-attention over all H·W positions with a residual connection:
-    x + proj(softmax(q kᵀ / √C) v), q, k, v = Linear(GN(x)). The output projection is zero-init."""
+    x + proj(softmax(q kᵀ / √C) v), q, k, v = Linear(GN(x)). The output projection is zero-init.
+
+    The four projections are ``nn.Linear`` layers (their names and shapes are the checkpoint
+    format) but run as 1x1 convolutions on the feature map, with q, k and v fused into one:
+    on channels-last maps that is the same matrix product, and on the CPU it goes to oneDNN,
+    about 2x faster (forward and backward) than the fp32 GEMM behind ``F.linear`` here.
+    """
 
     def __init__(self, ch: int):
         super().__init__()
@@ -85,11 +110,32 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        # [B, C, H, W] -> [B, HW, C]; a free view when x is channels_last.
-        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, 1, h * w, c)  # one head
-        out = F.scaled_dot_product_attention(self.q(tokens), self.k(tokens), self.v(tokens))
-        # back to [B, C, H, W] with channels_last strides (no copy).
-        return self.proj_out(out).view(b, h, w, c).permute(0, 3, 1, 2).add_(x)
+        scale = c**-0.5  # folded into the q projection
+        weight = torch.cat([self.q.weight * scale, self.k.weight, self.v.weight])
+        bias = torch.cat([self.q.bias * scale, self.k.bias, self.v.bias])
+        qkv = F.conv2d(_norm_act(self.norm, x, act=False), weight[:, :, None, None], bias)
+        # [B, 3C, H, W] -> [B, HW, 3C]: a free view when channels_last.
+        q, k, v = qkv.permute(0, 2, 3, 1).reshape(b, h * w, 3 * c).chunk(3, dim=2)
+        out = _attention(q, k, v)
+        # [B, HW, C] as a channels-last [B, C, H, W] map (a view: no copy).
+        out = out.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        return F.conv2d(out, self.proj_out.weight[:, :, None, None], self.proj_out.bias).add_(x)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ) v for [B, L, C] (q already scaled). On the CPU, for the short sequences
+    of this U-Net, two batched GEMMs beat the fused SDPA kernel (forward and backward: 1.1x
+    in fp32, 2.4x in bf16 here); the softmax is taken in float32 at least, as SDPA does.
+    Long sequences (whose [B, L, L] weights would be large) and other devices use SDPA."""
+    if q.device.type == "cpu" and q.shape[1] <= _MAX_EXPLICIT_ATTENTION:
+        scores = torch.bmm(q, k.transpose(1, 2))
+        weights = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+        return torch.bmm(weights.to(v.dtype), v)
+    out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], scale=1.0)
+    return out[:, 0]
+
+
+_MAX_EXPLICIT_ATTENTION = 1024  # tokens; the [B, L, L] weights stay under 4 MB per image
 
 
 class Downsample(nn.Module):
@@ -104,14 +150,33 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour ×2 followed by a 3x3 conv: H → 2H."""
+    """Nearest-neighbour ×2 followed by a 3x3 conv: H → 2H.
+
+    On the CPU, for maps of at least 8x8, the pair runs as one transposed convolution
+    (stride 2, 4x4 kernel, padding 1): output row 2i + a of the upsampled conv reads input rows
+    i - 1 … i + 1 only, with the 3x3 taps that land on the same input row summed, so along each
+    axis the kernel is ``_UP_TAPS @ w``. The same function up to float rounding, at 4/9 of the
+    multiply-adds and without the 4x larger upsampled map (forward and backward 1.5x faster on
+    8x8 inputs, 1.7x on 16x16 here; on smaller maps and on GPUs the plain pair is kept).
+    """
 
     def __init__(self, ch: int):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.shape[-2] * x.shape[-1] >= 64:
+            w = self.conv.weight
+            with torch.autocast("cpu", enabled=False):  # the kernel in the weights' dtype
+                taps = torch.tensor(_UP_TAPS, dtype=w.dtype)
+                kernel = torch.einsum("kd,oidl,ml->iokm", taps, w, taps)  # [in, out, 4, 4]
+            return F.conv_transpose2d(x, kernel, self.conv.bias, stride=2, padding=1)
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+# Transposed-conv taps k = 0..3 (output row 2i - 1 + k from input row i) as sums of the 3x3
+# taps d = 0..2: k=0 ← d2, k=1 ← d1 + d2, k=2 ← d0 + d1, k=3 ← d0.
+_UP_TAPS = [[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
 
 
 class Level(nn.Module):
@@ -276,7 +341,7 @@ class UNet(nn.Module):
             if level.resample is not None:
                 h = level.resample(h)
 
-        out = self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(_norm_act(self.norm_out, h))
         # Hand back the caller's memory format (a no-op for channels_last inputs).
         fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
         return out.contiguous(memory_format=fmt)
