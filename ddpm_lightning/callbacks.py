@@ -160,8 +160,23 @@ class Preemption(L.Callback):
 
 
 class FinalCheckpoint(L.Callback):
-    """Save ``<run dir>/checkpoints/last.ckpt`` when training ends normally, so the last state
-    is always there, whatever the periodic checkpoint interval."""
+    """Save ``<run dir>/checkpoints/last.ckpt`` after the last training step, whatever the
+    periodic checkpoint interval. It saves in ``on_train_batch_end`` of the step that reaches
+    ``max_steps`` (the moment periodic checkpoints are taken, so resuming from it steps the lr
+    schedule exactly as an uninterrupted run), and in ``on_train_end`` only if that did not
+    happen (a run ended by max_epochs)."""
+
+    def __init__(self):
+        self._saved_step: int | None = None
+
+    def _save(self, trainer) -> None:
+        if self._saved_step != trainer.global_step:
+            trainer.save_checkpoint(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt")
+            self._saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            self._save(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        trainer.save_checkpoint(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt")
+        self._save(trainer)
