@@ -491,8 +491,12 @@ class FIDCallback(L.Callback):
     def evaluate(self, trainer, pl_module) -> float:
         """Run one FID evaluation on every rank; returns the FID (on every rank)."""
         start = time.perf_counter()
-        reference = self._reference_stats(trainer, pl_module)
-        moments = _all_gather_moments(trainer, self._sample_moments(trainer, pl_module))
+        # Whatever draws random numbers in here (data loaders, samplers), the training RNG
+        # streams come out exactly as they went in.
+        cuda = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            reference = self._reference_stats(trainer, pl_module)
+            moments = _all_gather_moments(trainer, self._sample_moments(trainer, pl_module))
         fid = None
         if trainer.is_global_zero:
             fid = fid_from_stats(*moments.stats(), *reference)
