@@ -97,6 +97,13 @@ def test_find_resume_checkpoint(tmp_path):
 def test_slurm_path_composes_and_lightning_detects_slurm(monkeypatch, tmp_path):
     """Multi-node cannot run here; check the config and Lightning's SLURM detection."""
     from lightning.pytorch.plugins.environments import SLURMEnvironment
+    from lightning.pytorch.utilities import rank_zero_only
+    from lightning_utilities.core.rank_zero import rank_zero_only as utilities_rank_zero_only
+
+    # Building a Trainer in a (faked) SLURM task sets the process-wide rank to 3; put it back
+    # afterwards, or every later test in this process would think it is not rank zero.
+    monkeypatch.setattr(rank_zero_only, "rank", getattr(rank_zero_only, "rank", 0))
+    monkeypatch.setattr(utilities_rank_zero_only, "rank", getattr(utilities_rank_zero_only, "rank", 0))
 
     cfg = _compose("experiment=cifar10_ddpm", "trainer=slurm", "trainer.num_nodes=2",
                    "trainer.devices=2", "hydra/launcher=submitit_slurm",
