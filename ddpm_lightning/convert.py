@@ -381,16 +381,10 @@ def load_diffusers_weights(src: str | os.PathLike) -> tuple[dict[str, torch.Tens
 # ----------------------------------------------------------------------- the checkpoint
 
 def _plain(value):
-    """OmegaConf containers → dicts and lists (resolved), recursively."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
+    """OmegaConf containers → dicts and lists (resolved), recursively (the module's helper)."""
+    from .module import _plain as plain
 
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+    return plain(value)
 
 
 def compose_run_config(experiment: str = DEFAULT_EXPERIMENT, overrides: Sequence[str] = (),
