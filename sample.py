@@ -20,8 +20,6 @@ METRICS = ("fid", "is", "nll")
 
 def validate(cfg: DictConfig, T: int) -> dict:
     """Check the request before any work; return the sampler settings to use."""
-    from ddpm_lightning.samplers import check_settings
-
     for key in ("num_samples", "batch_size", "devices", "grid_size"):
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "grid_size" else 1):
@@ -57,7 +55,6 @@ def gather(fabric, indices, images):
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     import numpy as np
-    import torch
     from lightning.fabric import Fabric
 
     from ddpm_lightning.checkpoint import load_module

@@ -13,7 +13,12 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm_lightning import runtime
-from ddpm_lightning.checkpoint import AtomicCheckpointIO, CheckpointError, check_fits, read_checkpoint
+from ddpm_lightning.checkpoint import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    check_fits,
+    read_checkpoint,
+)
 
 
 def build(cfg: DictConfig):

@@ -20,7 +20,31 @@ def _log_image(trainer: L.Trainer, key: str, path: Path, step: int) -> None:
             logger.log_image(key=key, images=[str(path)], step=step)
 
 
-class SampleGrid(L.Callback):
+class EveryNSteps(L.Callback):
+    """Base of the periodic callbacks: call ``run(trainer, pl_module)`` when the optimizer step
+    ``global_step`` reaches a multiple of ``every_n_steps``, and once more at the end of
+    training (if ``on_train_end``) unless the last step was just done. ``run`` records the step
+    it did in ``self._last_step``."""
+
+    def __init__(self, every_n_steps: int, on_train_end: bool = True):
+        self.every_n_steps = every_n_steps
+        self.run_on_train_end = on_train_end
+        self._last_step = -1
+
+    def run(self, trainer: L.Trainer, pl_module) -> object:
+        raise NotImplementedError
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.run(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.run_on_train_end and trainer.global_step != self._last_step:
+            self.run(trainer, pl_module)
+
+
+class SampleGrid(EveryNSteps):
     """Every ``every_n_steps`` optimizer steps (and at the end of training), sample a grid from
     one fixed x_T with the EMA weights, on rank zero, save it as
     ``<run dir>/samples/step_XXXXXXX.png`` and log it as ``samples``.
@@ -34,12 +58,10 @@ class SampleGrid(L.Callback):
             raise ValueError(f"callbacks.sample_grid.every_n_steps={every_n_steps} must be >= 1")
         if num_images < 1:
             raise ValueError(f"callbacks.sample_grid.num_images={num_images} must be >= 1")
-        self.every_n_steps = every_n_steps
+        super().__init__(every_n_steps, on_train_end)
         self.num_images = num_images
         self.seed = seed
         self.sampler = dict(sampler or {})
-        self.sample_on_train_end = on_train_end
-        self._last_step = -1
         self.last_path: Path | None = None
 
     def _noise(self, pl_module) -> torch.Tensor:
@@ -73,14 +95,8 @@ class SampleGrid(L.Callback):
         self.last_path = path
         return path
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self.make_grid(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self.sample_on_train_end and trainer.global_step != self._last_step:
-            self.make_grid(trainer, pl_module)
+    def run(self, trainer: L.Trainer, pl_module) -> Path | None:
+        return self.make_grid(trainer, pl_module)
 
 
 class SchedulePlot(L.Callback):
@@ -145,7 +161,7 @@ class Preemption(L.Callback):
         stop = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
         if stop and not trainer.should_stop:
             path = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)
             trainer.should_stop = True
             if trainer.is_global_zero:
                 print(f"received {self.received or 'a stop signal'}: saved {path} at step "
@@ -171,7 +187,8 @@ class FinalCheckpoint(L.Callback):
 
     def _save(self, trainer) -> None:
         if self._saved_step != trainer.global_step:
-            trainer.save_checkpoint(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt")
+            trainer.save_checkpoint(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt",
+                                    weights_only=False)
             self._saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

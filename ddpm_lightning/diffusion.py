@@ -11,7 +11,8 @@ its second half of channels carries v (see ``p_mean_variance``).
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import torch

@@ -33,10 +33,10 @@ from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 
+from .callbacks import EveryNSteps
 from .inception import default_weights_path, load_extractor
 
 FEATURE_DIM = 2048
@@ -397,7 +397,7 @@ def reference_stats(source, split: str = "train", max_images: int | None = None,
 # --------------------------------------------------------------------------- the callback
 
 
-class FIDCallback(L.Callback):
+class FIDCallback(EveryNSteps):
     """FID of EMA samples against the training set, every ``every_n_steps`` optimizer steps
     (and at the end of training), logged as ``val/fid`` (and ``val/fid_seconds``).
 
@@ -444,18 +444,16 @@ class FIDCallback(L.Callback):
             raise ValueError(f"callbacks.fid.reference.{min(unknown)} is unknown; valid: "
                              "split, max_images, cache_dir, path")
         self.reference.setdefault("split", "train")
-        self.every_n_steps = every_n_steps
+        super().__init__(every_n_steps, on_train_end)
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.sampler = dict(sampler or {})
         sampler_kwargs(self.sampler)  # unknown keys fail now
         self.weights_path = weights_path
         self.download = download
-        self.fid_on_train_end = on_train_end
         self.seed = seed
         self.inception_batch_size = inception_batch_size
         self.last_fid: float | None = None
-        self._last_step = -1
         self._ref: tuple[np.ndarray, np.ndarray] | None = None
         self._ref_ready = False
 
@@ -478,14 +476,8 @@ class FIDCallback(L.Callback):
             raise ValueError("callbacks.fid needs trainer.fit(..., datamodule=DiffusionDataModule)"
                              " for its reference images, or reference.path to a stats .npz")
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self.evaluate(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self.fid_on_train_end and trainer.global_step != self._last_step:
-            self.evaluate(trainer, pl_module)
+    def run(self, trainer, pl_module) -> float:
+        return self.evaluate(trainer, pl_module)
 
     # ------------------------------------------------------------- work
     def evaluate(self, trainer, pl_module) -> float:

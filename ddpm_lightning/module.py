@@ -15,7 +15,6 @@ from torch import nn
 from .diffusion import GaussianDiffusion
 from .samplers import check_settings
 
-
 # The EMA copy is in eval mode on purpose; Lightning warns about any module in eval mode.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 

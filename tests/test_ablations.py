@@ -11,6 +11,7 @@ from ddpm_lightning.diffusion import GaussianDiffusion
 from ddpm_lightning.samplers import sample
 from ddpm_lightning.schedules import make_beta_schedule
 from ddpm_lightning.unet import UNet
+
 from helpers import TINY, run_script
 
 ROWS = ["mu_vlb_learned", "mu_vlb_fixed", "mu_mse", "eps_vlb_learned", "eps_vlb_fixed",
@@ -34,7 +35,7 @@ def test_oracle_gives_the_same_posterior_mean_for_every_parameterization(t):
     truths = {"eps": noise, "x0": x0, "mu": true_mean}
     for param, target in truths.items():
         d = GaussianDiffusion(betas, parameterization=param)
-        out = d.p_mean_variance(lambda x, s: target, x_t, tt, clip_denoised=False)
+        out = d.p_mean_variance(lambda x, s, target=target: target, x_t, tt, clip_denoised=False)
         assert torch.allclose(out["mean"], true_mean, atol=1e-9), param
         assert torch.allclose(out["pred_x0"], x0, atol=1e-6), param
 

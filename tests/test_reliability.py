@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import math
 import os
 import signal
 import subprocess
@@ -21,6 +20,7 @@ from ddpm_lightning.data import DiffusionDataModule
 from ddpm_lightning.module import DDPM
 from ddpm_lightning.schedules import make_beta_schedule
 from ddpm_lightning.unet import UNet
+
 from helpers import ROOT, TINY, run_script
 
 # ------------------------------------------------------------------ bad configuration

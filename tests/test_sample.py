@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ddpm_lightning.checkpoint import CheckpointError, load_module, read_checkpoint
+
 from helpers import TINY, run_script
 
 
