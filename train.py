@@ -50,6 +50,7 @@ def build(cfg: DictConfig):
         ckpt = read_checkpoint(resume_ckpt, key="resume")
         runtime.check_same_run(ckpt["hyper_parameters"]["run_config"], cfg, resume_ckpt)
         check_fits(module, ckpt["state_dict"], "resume", resume_ckpt)
+        module.timesteps.load_state_dict(ckpt.get("timestep_sampler") or {})  # fits this run?
         del ckpt
     datamodule = instantiate(cfg.data)
     datamodule.check_source()

@@ -14,6 +14,7 @@ from torch import nn
 
 from .diffusion import GaussianDiffusion
 from .samplers import check_settings
+from .timesteps import make_timestep_sampler
 
 # The EMA copy is in eval mode on purpose; Lightning warns about any module in eval mode.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -37,6 +38,10 @@ class DDPM(L.LightningModule):
         ema_decay: the EMA decay (0.9999 in the paper); 0 disables averaging (EMA = weights).
         use_ema: evaluate and sample with the EMA weights (default) or with the raw ones.
         sampler: default sampling settings for grids and evaluation (see ``samplers.sample``).
+        timesteps: how t is drawn (see ``timesteps.py``): ``{"sampler": "uniform"}`` (the
+            paper, the default) or ``{"sampler": "loss_aware", "history": 10,
+            "uniform_prob": 0.001}``, improved DDPM's importance sampling for L_vlb. Its loss
+            history is kept in checkpoints and identical on every rank.
         run_config: the resolved run configuration, kept in the checkpoint so that the model can
             be rebuilt without repeating the training overrides.
         channels_last: store the weights of ``model`` and ``ema_model`` channels-last (a layout
@@ -64,6 +69,7 @@ class DDPM(L.LightningModule):
         ema_decay: float = 0.9999,
         use_ema: bool = True,
         sampler: Mapping | None = None,
+        timesteps: Mapping | None = None,
         run_config: Mapping | None = None,
         channels_last: bool = True,
         compile: bool | str = False,
@@ -84,7 +90,7 @@ class DDPM(L.LightningModule):
             "hybrid_lambda": hybrid_lambda, "lr": lr, "adam_betas": adam_betas,
             "adam_eps": adam_eps, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
             "ema_decay": ema_decay, "use_ema": use_ema, "sampler": sampler or {},
-            "run_config": run_config,
+            "timesteps": timesteps or {}, "run_config": run_config,
         }), ignore=["model", "betas"], logger=False)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(memory_format=fmt)
@@ -99,6 +105,12 @@ class DDPM(L.LightningModule):
             hybrid_lambda=hybrid_lambda,
         )
         self.sampler = dict(self.hparams.sampler)
+        settings = dict(self.hparams.timesteps)
+        unknown = set(settings) - {"sampler", "history", "uniform_prob"}
+        if unknown:
+            raise ValueError(f"module.timesteps.{min(unknown)} is not a setting; valid: "
+                             "sampler, history, uniform_prob")
+        self.timesteps = make_timestep_sampler(self.diffusion.num_timesteps, **settings)
         check_settings(self.sampler, self.diffusion.num_timesteps, key="module.sampler")
         if self.diffusion.learned_variance and self.sampler.get("variance") is not None:
             raise ValueError(
@@ -106,6 +118,7 @@ class DDPM(L.LightningModule):
                 f"module.variance={variance!r}: the network predicts Σ; set it to null"
             )
         self._last_batch_end: float | None = None
+        self._own_rng_restored = False
 
     # ------------------------------------------------------------- networks
     @property
@@ -132,11 +145,16 @@ class DDPM(L.LightningModule):
     # ------------------------------------------------------------- training
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         x0 = batch
-        losses, t = self.diffusion.training_loss(self.model, x0)
-        loss = losses.mean()
+        t, weights = self.timesteps.sample(x0.shape[0], x0.device)
+        losses, t = self.diffusion.training_loss(self.model, x0, t=t)
+        # weights = 1 / (T·p_t): an unbiased estimate of the uniform-t loss (1 for uniform t)
+        loss = (losses * weights).mean()
         self._check_finite(loss, t)
         self.log("train/loss", loss, prog_bar=True)
-        self._log_loss_by_quartile(losses.detach(), t)
+        self._log_loss_by_quartile(losses.detach(), t, weights)
+        if self.timesteps.name != "uniform":
+            # every rank records every rank's (t, loss), so that all draw from the same p_t
+            self.timesteps.update(self.all_gather(t), self.all_gather(losses.detach()))
         return loss
 
     def _check_finite(self, loss: torch.Tensor, t: torch.Tensor) -> None:
@@ -146,14 +164,18 @@ class DDPM(L.LightningModule):
                 f"(batch timesteps t={t.tolist()}); the last good checkpoint is kept"
             )
 
-    def _log_loss_by_quartile(self, losses: torch.Tensor, t: torch.Tensor) -> None:
-        """train/loss_q0 … q3: the loss of timesteps in each quarter of [0, T)."""
+    def _log_loss_by_quartile(self, losses: torch.Tensor, t: torch.Tensor,
+                              weights: torch.Tensor) -> None:
+        """train/loss_q0 … q3: the loss of timesteps in each quarter of [0, T), as if t were
+        uniform (importance weights self-normalized within each quarter)."""
         q = (t * 4) // self.diffusion.num_timesteps
-        sums = torch.zeros(4, device=losses.device).index_add_(0, q, losses.float())
+        w = weights.float()
+        sums = torch.zeros(4, device=losses.device).index_add_(0, q, losses.float() * w)
+        mass = torch.zeros(4, device=losses.device).index_add_(0, q, w)
         counts = torch.bincount(q, minlength=4).to(losses.device)
         for i in range(4):
             # every rank logs (a NaN-free) value so that DDP reductions stay in step
-            value = sums[i] / counts[i].clamp(min=1)
+            value = sums[i] / mass[i].clamp(min=1e-12) if counts[i] else sums[i]
             self.log(f"train/loss_q{i}", value, batch_size=int(counts[i].item()) or 1)
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -190,29 +212,58 @@ class DDPM(L.LightningModule):
                                                  noise=noise)
         self.log("val/loss", losses.mean(), sync_dist=True, batch_size=batch.shape[0])
 
+    # --------------------------------------------------------- random streams
+    def on_train_start(self) -> None:
+        """Under DDP, give every rank its own random stream for t, ε and flips.
+
+        ``seed_everything`` seeds every rank alike, so without this all ranks would draw the
+        same t and ε for their (different) images: a global batch of B·N images would hold
+        only B distinct (t, ε) pairs. A resume that restores every rank's own saved state
+        keeps it; otherwise the rank is folded into the common state here."""
+        if self.trainer.world_size > 1 and not self._own_rng_restored:
+            _fold_rank_into_rng(self.trainer.global_rank)
+
     # ------------------------------------------------------- checkpointing
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep the RNG states, so that a resumed run draws the same t, ε and batches."""
-        checkpoint["rng_states"] = _collect_rng_states()
+        """Keep the RNG states (every rank's, under DDP), so that a resumed run draws the same
+        t, ε and flips; and the timestep sampler's loss history."""
+        states = _collect_rng_states()
+        checkpoint["rng_states"] = states
+        if self.trainer.world_size > 1:  # called on every rank; rank 0 writes the file
+            gathered = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, states)
+            checkpoint["rng_states_per_rank"] = gathered
+        checkpoint["timestep_sampler"] = self.timesteps.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "rng_states" in checkpoint:
+        per_rank = checkpoint.get("rng_states_per_rank")
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if per_rank is not None and len(per_rank) == world:
+            _set_rng_states(per_rank[self.trainer.global_rank])
+            self._own_rng_restored = True
+        elif "rng_states" in checkpoint:
             _set_rng_states(checkpoint["rng_states"])
+        self.timesteps.load_state_dict(checkpoint.get("timestep_sampler") or {})
 
     def on_train_end(self) -> None:
-        """Under DDP, check that every rank holds the same EMA weights (all-gathered checksum)."""
+        """Under DDP, check that every rank holds the same EMA weights and the same timestep
+        loss history (all-gathered checksums)."""
         if self.trainer.world_size <= 1:
             return
         with torch.no_grad():
-            checksum = torch.stack(
-                [p.double().sum() for p in self.ema_model.parameters()]
-            ).sum().reshape(1)
-        gathered = self.all_gather(checksum).flatten()
-        if not torch.all(gathered == gathered[0]):
-            raise RuntimeError(f"EMA weights differ across ranks: checksums {gathered.tolist()}")
-        if self.trainer.is_global_zero:
-            print(f"EMA weights identical across {gathered.numel()} ranks "
-                  f"(checksum {gathered[0].item():.10e})")
+            checks = {"EMA weights": torch.stack(
+                [p.double().sum() for p in self.ema_model.parameters()]).sum()}
+            state = self.timesteps.state_dict()
+            if "losses" in state:
+                checks["timestep loss histories"] = (state["losses"].sum()
+                                                     + state["counts"].sum()).double()
+        for what, value in checks.items():
+            gathered = self.all_gather(value.to(self.device).reshape(1)).flatten()
+            if not torch.all(gathered == gathered[0]):
+                raise RuntimeError(f"{what} differ across ranks: checksums {gathered.tolist()}")
+            if self.trainer.is_global_zero:
+                print(f"{what} identical across {gathered.numel()} ranks "
+                      f"(checksum {gathered[0].item():.10e})")
 
     # ------------------------------------------------------------ optimizer
     def configure_optimizers(self):
@@ -265,6 +316,21 @@ def _collect_rng_states() -> dict:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
+
+
+def _fold_rank_into_rng(rank: int) -> None:
+    """Reseed torch (CPU and CUDA), NumPy and Python from one number drawn from the current
+    torch state plus ``rank``: ranks that start from the same state get distinct streams, and
+    the result is still fixed by the run's seed."""
+    import random
+
+    import numpy as np
+
+    base = int(torch.randint(0, 2**62, (1,)).item())
+    seed = (base + 1_000_003 * rank) % 2**63
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
 
 
 def _set_rng_states(states: dict) -> None:

@@ -49,6 +49,8 @@ RULES = {
     "module.weight_decay": lambda v: _finite(v) and v >= 0,
     "module.warmup_steps": int_ge(0),
     "module.ema_decay": lambda v: _finite(v) and 0 <= v < 1,
+    "module.timesteps.history": int_ge(1),
+    "module.timesteps.uniform_prob": lambda v: _finite(v) and 0 < v <= 1,
     "module.sampler.eta": lambda v: _finite(v) and v >= 0,
     "module.sampler.steps": lambda v: _is_int(v) and 1 <= v <= 20,  # T = 20 below
     "callbacks.sample_grid.sampler.steps": lambda v: _is_int(v) and 1 <= v <= 20,

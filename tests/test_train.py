@@ -60,8 +60,15 @@ def test_logged_keys(tmp_path):
     assert lr == sorted(lr)  # linear warm-up
 
 
-def test_resume_gives_the_same_losses(tmp_path):
-    common = [*TINY, "trainer.limit_train_batches=3", "callbacks.checkpoint.every_n_train_steps=3"]
+# loss-aware t: T = 8 and a history of 1, so that importance sampling starts within the run
+LOSS_AWARE = ["schedule.T=8", "module.objective=vlb", "module.timesteps.sampler=loss_aware",
+              "module.timesteps.history=1"]
+
+
+@pytest.mark.parametrize("extra", [[], LOSS_AWARE], ids=["uniform_t", "loss_aware_t"])
+def test_resume_gives_the_same_losses(tmp_path, extra):
+    common = [*TINY, *extra, "trainer.limit_train_batches=3",
+              "callbacks.checkpoint.every_n_train_steps=3"]
     full = tmp_path / "full"
     _ok(run_script("train.py", *common, f"hydra.run.dir={full}", "trainer.max_steps=6"))
     part = tmp_path / "part"
@@ -76,6 +83,12 @@ def test_resume_gives_the_same_losses(tmp_path):
     assert [s for s, _ in want] == list(range(6)), want
     assert [s for s, _ in got] == list(range(6)), got
     np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-5)
+    if extra:  # the history was full before the end, and it is restored on resume
+        state = [torch.load(d / "checkpoints" / "last.ckpt", weights_only=True)["timestep_sampler"]
+                 for d in (full, part)]
+        assert state[0]["counts"].min() >= 1 and state[0]["counts"].sum() == 6 * 8
+        assert state[1]["counts"].sum() == 6 * 8  # the resumed run wrote into `part`
+        assert torch.equal(state[0]["losses"], state[1]["losses"])
 
 
 def test_resume_auto_finds_the_last_checkpoint(tmp_path):
@@ -104,12 +117,38 @@ def test_multirun_gives_one_directory_per_job(tmp_path):
 
 
 def test_ddp_on_cpu_keeps_ema_equal_and_one_output_dir(tmp_path):
-    proc = _ok(run_script("train.py", *TINY, "trainer=ddp", "trainer.accelerator=cpu",
+    proc = _ok(run_script("train.py", *TINY, *LOSS_AWARE, "trainer=ddp", "trainer.accelerator=cpu",
                           "trainer.devices=2", "trainer.precision=32-true", "trainer.max_steps=3",
                           cwd=tmp_path, timeout=600))
     assert re.search(r"EMA weights identical across 2 ranks", proc.stdout), proc.stdout
+    # loss-aware t: both ranks record both ranks' losses, so their histories agree
+    assert re.search(r"timestep loss histories identical across 2 ranks", proc.stdout), proc.stdout
     runs = list((tmp_path / "outputs" / "cpu_embedded").iterdir())
     assert len(runs) == 1, runs
+    ckpt = torch.load(runs[0] / "checkpoints" / "last.ckpt", weights_only=True)
+    assert int(ckpt["timestep_sampler"]["counts"].sum()) == 3 * 2 * 8  # steps × ranks × batch
+    # each rank draws its own t, ε and flips: distinct random states, both saved for a resume
+    states = ckpt["rng_states_per_rank"]
+    assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
+
+
+def test_ddp_resume_gives_the_same_losses(tmp_path):
+    """2 ranks on the CPU: every rank resumes its own random stream (and the shared t history)."""
+    common = [*TINY, *LOSS_AWARE, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+              "trainer.precision=32-true", "trainer.limit_train_batches=3",
+              "callbacks.checkpoint.every_n_train_steps=3"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    _ok(run_script("train.py", *common, f"hydra.run.dir={full}", "trainer.max_steps=6",
+                   timeout=600))
+    _ok(run_script("train.py", *common, f"hydra.run.dir={part}", "trainer.max_steps=3",
+                   timeout=600))
+    _ok(run_script("train.py", *common, f"hydra.run.dir={tmp_path / 'again'}",
+                   "trainer.max_steps=6", f"resume={part / 'checkpoints' / 'last.ckpt'}",
+                   timeout=600))
+    want = series(read_metrics(full), "train/loss")
+    got = series(read_metrics(part), "train/loss")
+    assert [s for s, _ in got] == [s for s, _ in want] == list(range(6)), (got, want)
+    np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-5)
 
 
 def test_multirun_with_ddp_gives_one_directory_per_job(tmp_path):

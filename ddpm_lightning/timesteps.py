@@ -1,0 +1,139 @@
+"""How training draws the timestep t: uniformly (the paper), or by importance sampling.
+
+Importance sampling follows improved DDPM (Nichol & Dhariwal 2021, §3.3) for the true bound:
+draw t with probability p_t ∝ √E[L_t²], estimated from the last ``history`` losses seen at each
+t, and weight each loss by 1 / (T·p_t). The weighted mean is an unbiased estimate of the
+uniform-t mean (1/T)·Σ_t E[L_t] whatever p is, so the objective is unchanged; only its variance
+drops. Until every t has ``history`` losses, t stays uniform. A share ``uniform_prob`` of
+uniform probability is mixed in so that no p_t is ever 0.
+
+No Lightning here: the module gathers the (t, loss) pairs of all ranks and calls ``update``
+with them on every rank, so that every rank keeps the same history and draws from the same p.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SAMPLERS = ("uniform", "loss_aware")
+
+
+class UniformTimesteps:
+    """t ~ Uniform({0, …, T − 1}) (the paper's t ~ Uniform({1, …, T})), weights 1."""
+
+    name = "uniform"
+
+    def __init__(self, num_timesteps: int):
+        self.num_timesteps = int(num_timesteps)
+
+    def probabilities(self) -> torch.Tensor:
+        return torch.full((self.num_timesteps,), 1.0 / self.num_timesteps, dtype=torch.float64)
+
+    def sample(self, batch: int, device, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.randint(0, self.num_timesteps, (batch,), device=device, generator=generator)
+        return t, torch.ones(batch, device=device)
+
+    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        """Uniform sampling learns nothing from the losses."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class LossAwareTimesteps(UniformTimesteps):
+    """p_t ∝ √(mean of the last ``history`` squared losses at t), mixed with ``uniform_prob``
+    of uniform; uniform until every t has ``history`` losses. The state (a T × history ring
+    of losses and the count seen at each t) is small and kept on the CPU."""
+
+    name = "loss_aware"
+
+    def __init__(self, num_timesteps: int, history: int = 10, uniform_prob: float = 1e-3):
+        super().__init__(num_timesteps)
+        _check_settings(history, uniform_prob)
+        self.history = history
+        self.uniform_prob = float(uniform_prob)
+        self.losses = torch.zeros(self.num_timesteps, history, dtype=torch.float64)
+        self.counts = torch.zeros(self.num_timesteps, dtype=torch.long)
+
+    @property
+    def warm(self) -> bool:
+        """True once every t has ``history`` losses (importance sampling is on)."""
+        return bool((self.counts >= self.history).all())
+
+    def probabilities(self) -> torch.Tensor:
+        T = self.num_timesteps
+        if not self.warm:
+            return super().probabilities()
+        w = self.losses.pow(2).mean(dim=1).sqrt()
+        total = w.sum()
+        if not torch.isfinite(total) or total <= 0:
+            return super().probabilities()
+        return (1.0 - self.uniform_prob) * w / total + self.uniform_prob / T
+
+    def sample(self, batch: int, device, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.warm:  # the same draw as uniform sampling until the history is full
+            return super().sample(batch, device, generator)
+        p = self.probabilities()
+        cpu_gen = generator if generator is not None and generator.device.type == "cpu" else None
+        t = torch.multinomial(p, batch, replacement=True, generator=cpu_gen)
+        weights = 1.0 / (self.num_timesteps * p[t])
+        return t.to(device), weights.to(device=device, dtype=torch.float32)
+
+    @torch.no_grad()
+    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        """Append each loss to its timestep's history, oldest out, in the order given."""
+        t = t.detach().flatten().cpu().long()
+        losses = losses.detach().flatten().cpu().double()
+        if t.numel() != losses.numel():
+            raise ValueError(f"update got {t.numel()} timesteps and {losses.numel()} losses")
+        keep = torch.isfinite(losses)
+        for ti, li in zip(t[keep].tolist(), losses[keep].tolist()):
+            n = int(self.counts[ti])
+            if n < self.history:
+                self.losses[ti, n] = li
+            else:
+                self.losses[ti, :-1] = self.losses[ti, 1:].clone()
+                self.losses[ti, -1] = li
+            self.counts[ti] = n + 1
+
+    def state_dict(self) -> dict:
+        return {"name": self.name, "history": self.history, "uniform_prob": self.uniform_prob,
+                "losses": self.losses.clone(), "counts": self.counts.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return  # a checkpoint from a uniform run: start the history afresh
+        losses, counts = state["losses"], state["counts"]
+        if tuple(losses.shape) != tuple(self.losses.shape):
+            raise ValueError(
+                f"module.timesteps.history={self.history} does not fit the checkpoint's loss "
+                f"history of shape {tuple(losses.shape)} (T × history; this run has "
+                f"T={self.num_timesteps}); resume with the same module.timesteps settings"
+            )
+        self.losses = losses.to(torch.float64).clone()
+        self.counts = counts.to(torch.long).clone()
+
+
+def make_timestep_sampler(num_timesteps: int, sampler: str = "uniform", history: int = 10,
+                          uniform_prob: float = 1e-3):
+    """``uniform`` or ``loss_aware``; ``history`` and ``uniform_prob`` are checked either way,
+    so that a bad value fails at once and not when the sampler is later switched."""
+    _check_settings(history, uniform_prob)
+    if sampler == "uniform":
+        return UniformTimesteps(num_timesteps)
+    if sampler == "loss_aware":
+        return LossAwareTimesteps(num_timesteps, history, uniform_prob)
+    raise ValueError(f"module.timesteps.sampler={sampler!r} is unknown; valid: "
+                     f"{', '.join(SAMPLERS)}")
+
+
+def _check_settings(history, uniform_prob) -> None:
+    if isinstance(history, bool) or not isinstance(history, int) or history < 1:
+        raise ValueError(f"module.timesteps.history={history!r} must be an integer >= 1")
+    if isinstance(uniform_prob, bool) or not isinstance(uniform_prob, (int, float)) \
+            or not 0.0 < uniform_prob <= 1.0:
+        raise ValueError(f"module.timesteps.uniform_prob={uniform_prob!r} must be a number "
+                         "in (0, 1]")
