@@ -343,10 +343,37 @@ def _reference_set(source, split: str, max_images: int | None, name: str | None,
         indices = torch.randperm(n, generator=g)[:max_images].sort().values
         info["max_images"] = int(max_images)
     info["num_images"] = len(indices)
+    content = dataset_fingerprint(dataset, indices.tolist())
+    if content is not None:  # a dataset that changed under the same settings is recomputed
+        info["content"] = content
     key = None
     if name is not None:
         key = f"{name}_{split}_{size}{suffix}" + (f"_n{len(indices)}" if len(indices) < n else "")
     return dataset, indices.tolist(), key, info
+
+
+def dataset_fingerprint(dataset, indices: list[int]) -> str | None:
+    """A short hash of the reference images' contents: the pixels of an in-memory dataset,
+    or each file's path, size and modification time for a folder of images (reading every
+    image would cost as much as the features). None for other datasets (then the cache trusts
+    its key; ``recompute=True`` refreshes it)."""
+    from .datasets import ImageFolderDataset, TensorImageDataset
+
+    h = hashlib.sha1()
+    if isinstance(dataset, TensorImageDataset):
+        images = dataset.images.numpy()
+        chosen = images if len(indices) == len(images) else images[indices]
+        h.update(str(chosen.shape).encode())
+        h.update(np.ascontiguousarray(chosen).data)
+    elif isinstance(dataset, ImageFolderDataset):
+        for i in indices:
+            path = Path(dataset.files[i])
+            st = path.stat()
+            h.update(f"{path.resolve()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        h.update(f"{dataset.image_size}{dataset.mode}".encode())
+    else:
+        return None
+    return h.hexdigest()[:16]
 
 
 def _dataset_batches(dataset, indices: list[int], batch_size: int):
@@ -380,7 +407,9 @@ def reference_stats(source, split: str = "train", max_images: int | None = None,
     ``split``: "train" (the paper's protocol), or "val"/"test" (the datamodule's held-out
     set, which is the official test split for MNIST, Fashion-MNIST and CIFAR-10).
     ``max_images`` uses a fixed random subset. The file is
-    ``{cache or $DDPM_FID_CACHE}/{dataset}_{split}_{size}[_n{max_images}].npz``.
+    ``{cache or $DDPM_FID_CACHE}/{dataset}_{split}_{size}[_n{max_images}].npz``; it records a
+    fingerprint of the images (``dataset_fingerprint``), and a file whose images have changed
+    since is recomputed and overwritten.
     """
     dataset, indices, key, info = _reference_set(source, split, max_images, name)
     path = None if key is None else Path(cache or cache_dir()).expanduser() / f"{key}.npz"

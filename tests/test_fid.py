@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -204,6 +205,48 @@ def test_reference_stats_are_cached_once(weights, monkeypatch, tmp_path):
         fid.reference_stats(dm, "train", max_images=8, recompute=True)
     with pytest.raises(AssertionError, match="recomputed"):  # another subset: another file
         fid.reference_stats(dm, "train", max_images=9)
+
+
+@needs_helper
+def test_reference_cache_notices_changed_images(weights, monkeypatch, tmp_path):
+    """Same settings, other pixels: the cached statistics are recomputed, not reused."""
+    from PIL import Image
+
+    root = tmp_path / "images"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    dm = DiffusionDataModule("folder", root=str(root), image_size=16, channels=3, batch_size=4,
+                             val_fraction=0.0)
+    kwargs = {"weights_path": weights, "cache": tmp_path / "stats"}
+    first = fid.reference_stats(dm, "train", **kwargs)
+    computed = []
+    real = fid.inception_features
+    monkeypatch.setattr(fid, "inception_features",
+                        lambda *a, **k: computed.append(1) or real(*a, **k))
+    fid.reference_stats(dm, "train", **kwargs)
+    assert computed == []  # unchanged folder: the cache is used
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(root / "3.png")  # one image changes
+    os.utime(root / "3.png", ns=(1, 1))  # an old time stamp: the size still gives it away
+    dm = DiffusionDataModule("folder", root=str(root), image_size=16, channels=3, batch_size=4,
+                             val_fraction=0.0)
+    again = fid.reference_stats(dm, "train", **kwargs)
+    assert computed, "features were not recomputed for a changed folder"
+    assert not np.allclose(first[0], again[0])
+    assert len(list((tmp_path / "stats").glob("*.npz"))) == 1  # the stale file was replaced
+
+
+def test_fingerprint_follows_the_pixels_of_in_memory_datasets():
+    from ddpm_lightning.datasets import TensorImageDataset
+
+    images = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+    a = fid.dataset_fingerprint(TensorImageDataset(images), [0, 1, 2, 3])
+    assert a == fid.dataset_fingerprint(TensorImageDataset(images.clone()), [0, 1, 2, 3])
+    images[2, 0, 3, 3] = 1
+    assert a != fid.dataset_fingerprint(TensorImageDataset(images), [0, 1, 2, 3])
+    assert fid.dataset_fingerprint(TensorImageDataset(images), [0, 1]) != a
+    assert fid.dataset_fingerprint(list(images), [0]) is None
 
 
 @needs_helper
