@@ -46,8 +46,13 @@ def test_history_keeps_the_most_recent_losses_in_order():
     for v in (1.0, 2.0, 3.0, 4.0, 5.0):
         s.update(torch.tensor([2, 2]), torch.tensor([v, 10 * v]))  # one t twice per batch
     # appended in batch order: 1, 10, 2, 20, …, 5, 50; the last three remain, oldest first
-    assert s.losses[2].tolist() == [40.0, 5.0, 50.0]
+    assert s.recent(2) == [40.0, 5.0, 50.0]
     assert int(s.counts[2]) == 10
+    s.update(torch.tensor([4, 2, 4, 4, 4, 4]), torch.tensor([1.0, 60.0, 2.0, 3.0, 4.0, 5.0]))
+    assert s.recent(2) == [5.0, 50.0, 60.0] and s.recent(4) == [3.0, 4.0, 5.0]
+    assert int(s.counts[4]) == 5
+    s.update(torch.tensor([7]), torch.tensor([9.0]))  # a partial history keeps its order too
+    assert s.recent(7) == [9.0]
     s.update(torch.tensor([3]), torch.tensor([float("nan")]))  # a non-finite loss is not kept
     assert int(s.counts[3]) == 0
 
@@ -96,3 +101,17 @@ def test_state_round_trip_and_shape_check():
 def test_bad_settings_name_the_key(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_timestep_sampler(T, **kwargs)
+
+
+def test_vectorized_history_matches_a_plain_list_per_t():
+    s, plain = LossAwareTimesteps(50, history=4), {}
+    g = torch.Generator().manual_seed(3)
+    for _ in range(200):  # batches with many repeats of the same t
+        t = torch.randint(0, 50, (37,), generator=g)
+        losses = torch.rand(37, generator=g, dtype=torch.float64)
+        s.update(t, losses)
+        for ti, li in zip(t.tolist(), losses.tolist()):
+            plain.setdefault(ti, []).append(li)
+    for ti in range(50):
+        assert s.recent(ti) == plain.get(ti, [])[-4:], ti
+        assert int(s.counts[ti]) == len(plain.get(ti, []))
