@@ -175,6 +175,7 @@ def main(cfg: DictConfig) -> None:
     except (CheckpointError, runtime.ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
         runtime.fail_before_work(err, out_dir)
         return
+    runtime.end_distributed()  # every rank finished: shut the process group down cleanly
     if not runtime.is_ddp_child():
         print(f"samples: {out_dir / 'samples.npz'}  grid: {out_dir / 'grid.png'}")
         for key, value in results.items():

@@ -152,6 +152,7 @@ def main(cfg: DictConfig) -> None:
     finally:
         if str(hc.mode) == "RunMode.MULTIRUN":
             runtime.reset_distributed(env_before)  # the next job of the sweep starts clean
+    runtime.end_distributed()  # every rank got here: a clean shutdown of the process group
     if trainer.is_global_zero:
         print(f"run directory: {run_dir}")
 

@@ -27,6 +27,9 @@ class EveryNSteps(L.Callback):
     it did in ``self._last_step``."""
 
     def __init__(self, every_n_steps: int, on_train_end: bool = True):
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) \
+                or every_n_steps < 1:
+            raise ValueError(f"every_n_steps={every_n_steps!r} must be an integer >= 1")
         self.every_n_steps = every_n_steps
         self.run_on_train_end = on_train_end
         self._last_step = -1

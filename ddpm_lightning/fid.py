@@ -309,8 +309,11 @@ def load_stats(path: str | os.PathLike, info: dict | None = None):
         return f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
 
 
-def _reference_set(source, split: str, max_images: int | None, name: str | None, seed: int = 0):
-    """(dataset, indices, cache key, info) of the images that make the reference."""
+def _reference_set(source, split: str, max_images: int | None, name: str | None, seed: int = 0,
+                   fingerprint: bool = True):
+    """(dataset, indices, cache key, info) of the images that make the reference; ``info``
+    holds the images' fingerprint when there is a cache key and ``fingerprint`` is set (the
+    rank that reads and writes the cache)."""
     from .data import DiffusionDataModule
     from .datasets import NATIVE_CHANNELS
 
@@ -343,7 +346,7 @@ def _reference_set(source, split: str, max_images: int | None, name: str | None,
         indices = torch.randperm(n, generator=g)[:max_images].sort().values
         info["max_images"] = int(max_images)
     info["num_images"] = len(indices)
-    content = dataset_fingerprint(dataset, indices.tolist())
+    content = dataset_fingerprint(dataset, indices.tolist()) if fingerprint and name else None
     if content is not None:  # a dataset that changed under the same settings is recomputed
         info["content"] = content
     key = None
@@ -574,8 +577,9 @@ class FIDCallback(EveryNSteps):
         if ref.get("path"):
             stats = load_stats(ref["path"]) if trainer.is_global_zero else None
         else:
-            dataset, indices, key, info = _reference_set(trainer.datamodule, ref["split"],
-                                                         ref.get("max_images"), None)
+            dataset, indices, key, info = _reference_set(
+                trainer.datamodule, ref["split"], ref.get("max_images"), None,
+                fingerprint=trainer.is_global_zero)
             path = Path(ref.get("cache_dir") or cache_dir()).expanduser() / f"{key}.npz"
             if trainer.is_global_zero and path.is_file():
                 stats = load_stats(path, info)

@@ -173,10 +173,9 @@ class DDPM(L.LightningModule):
         sums = torch.zeros(4, device=losses.device).index_add_(0, q, losses.float() * w)
         mass = torch.zeros(4, device=losses.device).index_add_(0, q, w)
         counts = torch.bincount(q, minlength=4).to(losses.device)
-        for i in range(4):
-            # every rank logs (a NaN-free) value so that DDP reductions stay in step
-            value = sums[i] / mass[i].clamp(min=1e-12) if counts[i] else sums[i]
-            self.log(f"train/loss_q{i}", value, batch_size=int(counts[i].item()) or 1)
+        for i, n in enumerate(counts.tolist()):
+            if n:  # a quarter with no t in this batch logs nothing (not a spurious 0)
+                self.log(f"train/loss_q{i}", sums[i] / mass[i].clamp(min=1e-12), batch_size=n)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -222,6 +221,7 @@ class DDPM(L.LightningModule):
         keeps it; otherwise the rank is folded into the common state here."""
         if self.trainer.world_size > 1 and not self._own_rng_restored:
             _fold_rank_into_rng(self.trainer.global_rank)
+        self._own_rng_restored = False  # a later fit of this module decides afresh
 
     # ------------------------------------------------------- checkpointing
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -229,7 +229,9 @@ class DDPM(L.LightningModule):
         t, ε and flips; and the timestep sampler's loss history."""
         states = _collect_rng_states()
         checkpoint["rng_states"] = states
-        if self.trainer.world_size > 1:  # called on every rank; rank 0 writes the file
+        # Every rank calls this for a normal save (rank 0 writes the file). A save after an
+        # exception may run on one rank only: no collective then, only rank 0's own state.
+        if self.trainer.world_size > 1 and not self.trainer.interrupted:
             gathered = [None] * self.trainer.world_size
             torch.distributed.all_gather_object(gathered, states)
             checkpoint["rng_states_per_rank"] = gathered

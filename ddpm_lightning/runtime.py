@@ -199,13 +199,21 @@ def fail_before_work(err: BaseException, fresh_run_dir: Path) -> None:
     sys.exit(1)
 
 
-def reset_distributed(env_before: dict) -> None:
-    """Undo what a DDP launch left in this process (the process group and the LOCAL_RANK,
-    WORLD_SIZE, MASTER_* variables), so that the next job of a sweep launches its own ranks."""
+def end_distributed() -> None:
+    """Destroy the default process group after a run that every rank finished. Lightning and
+    Fabric leave it alive, and at interpreter exit Gloo's worker threads can then abort the
+    process (SIGABRT, "terminate called without an active exception") after a good run. Call
+    it only on success: destroying while another rank is still in a collective would hang."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def reset_distributed(env_before: dict) -> None:
+    """Undo what a DDP launch left in this process (the process group and the LOCAL_RANK,
+    WORLD_SIZE, MASTER_* variables), so that the next job of a sweep launches its own ranks."""
+    end_distributed()
     for key in set(os.environ) - set(env_before):
         del os.environ[key]
     os.environ.update(env_before)

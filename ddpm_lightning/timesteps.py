@@ -31,8 +31,11 @@ class UniformTimesteps:
         return torch.full((self.num_timesteps,), 1.0 / self.num_timesteps, dtype=torch.float64)
 
     def sample(self, batch: int, device, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
-        t = torch.randint(0, self.num_timesteps, (batch,), device=device, generator=generator)
-        return t, torch.ones(batch, device=device)
+        """``batch`` timesteps on ``device`` and their loss weights 1 / (T·p_t). A
+        ``generator`` draws on its own device; without one, the global RNG of ``device``."""
+        where = generator.device if generator is not None else device
+        t = torch.randint(0, self.num_timesteps, (batch,), device=where, generator=generator)
+        return t.to(device), torch.ones(batch, device=device)
 
     def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
         """Uniform sampling learns nothing from the losses."""
@@ -78,8 +81,12 @@ class LossAwareTimesteps(UniformTimesteps):
         if not self.warm:  # the same draw as uniform sampling until the history is full
             return super().sample(batch, device, generator)
         p = self.probabilities()
-        cpu_gen = generator if generator is not None and generator.device.type == "cpu" else None
-        t = torch.multinomial(p, batch, replacement=True, generator=cpu_gen)
+        if batch == 0:
+            return (torch.zeros(0, dtype=torch.long, device=device),
+                    torch.zeros(0, device=device))
+        # on the generator's device (the global CPU RNG without one): restored on resume
+        p_where = p.to(generator.device) if generator is not None else p
+        t = torch.multinomial(p_where, batch, replacement=True, generator=generator).cpu()
         weights = 1.0 / (self.num_timesteps * p[t])
         return t.to(device), weights.to(device=device, dtype=torch.float32)
 
@@ -92,6 +99,9 @@ class LossAwareTimesteps(UniformTimesteps):
         losses = losses.detach().flatten().cpu().double().numpy()
         if t.size != losses.size:
             raise ValueError(f"update got {t.size} timesteps and {losses.size} losses")
+        if t.size and (t.min() < 0 or t.max() >= self.num_timesteps):
+            raise ValueError(f"timesteps must lie in [0, {self.num_timesteps}); got "
+                             f"{int(t.min())}..{int(t.max())}")
         keep = np.isfinite(losses)
         t, losses = t[keep], losses[keep]
         if t.size == 0:
@@ -122,8 +132,9 @@ class LossAwareTimesteps(UniformTimesteps):
     def load_state_dict(self, state: dict) -> None:
         if not state:
             return  # a checkpoint from a uniform run: start the history afresh
-        losses, counts = state["losses"], state["counts"]
-        if tuple(losses.shape) != tuple(self.losses.shape):
+        losses, counts = state["losses"].cpu(), state["counts"].cpu()
+        if tuple(losses.shape) != tuple(self.losses.shape) \
+                or tuple(counts.shape) != tuple(self.counts.shape):
             raise ValueError(
                 f"module.timesteps.history={self.history} does not fit the checkpoint's loss "
                 f"history of shape {tuple(losses.shape)} (T × history; this run has "

@@ -115,3 +115,18 @@ def test_vectorized_history_matches_a_plain_list_per_t():
     for ti in range(50):
         assert s.recent(ti) == plain.get(ti, [])[-4:], ti
         assert int(s.counts[ti]) == len(plain.get(ti, []))
+
+
+def test_edge_cases_fail_or_work_as_documented():
+    s = _filled(torch.arange(T, dtype=torch.float64) + 1)
+    t, w = s.sample(0, "cpu")
+    assert t.shape == w.shape == (0,)
+    g = torch.Generator().manual_seed(5)
+    a = s.sample(64, "cpu", generator=g)[0]
+    assert torch.equal(a, s.sample(64, "cpu", generator=torch.Generator().manual_seed(5))[0])
+    with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 8\)"):
+        s.update(torch.tensor([-1]), torch.tensor([1.0]))
+    bad = s.state_dict()
+    bad["counts"] = torch.zeros(T + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="does not fit"):
+        LossAwareTimesteps(T, history=3).load_state_dict(bad)
