@@ -24,12 +24,13 @@ class EveryNSteps(L.Callback):
     """Base of the periodic callbacks: call ``run(trainer, pl_module)`` when the optimizer step
     ``global_step`` reaches a multiple of ``every_n_steps``, and once more at the end of
     training (if ``on_train_end``) unless the last step was just done. ``run`` records the step
-    it did in ``self._last_step``."""
+    it did in ``self._last_step``. ``key`` names the setting in the error for a bad interval."""
 
-    def __init__(self, every_n_steps: int, on_train_end: bool = True):
+    def __init__(self, every_n_steps: int, on_train_end: bool = True,
+                 key: str = "every_n_steps"):
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) \
                 or every_n_steps < 1:
-            raise ValueError(f"every_n_steps={every_n_steps!r} must be an integer >= 1")
+            raise ValueError(f"{key}={every_n_steps!r} must be an integer >= 1")
         self.every_n_steps = every_n_steps
         self.run_on_train_end = on_train_end
         self._last_step = -1
@@ -57,11 +58,9 @@ class SampleGrid(EveryNSteps):
 
     def __init__(self, every_n_steps: int = 1000, num_images: int = 64, seed: int = 0,
                  sampler: dict | None = None, on_train_end: bool = True):
-        if every_n_steps < 1:
-            raise ValueError(f"callbacks.sample_grid.every_n_steps={every_n_steps} must be >= 1")
+        super().__init__(every_n_steps, on_train_end, key="callbacks.sample_grid.every_n_steps")
         if num_images < 1:
             raise ValueError(f"callbacks.sample_grid.num_images={num_images} must be >= 1")
-        super().__init__(every_n_steps, on_train_end)
         self.num_images = num_images
         self.seed = seed
         self.sampler = dict(sampler or {})

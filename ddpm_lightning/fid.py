@@ -463,8 +463,8 @@ class FIDCallback(EveryNSteps):
                  inception_batch_size: int = 64):
         from .samplers import sampler_kwargs
 
-        for key, value in (("every_n_steps", every_n_steps), ("num_samples", num_samples),
-                           ("batch_size", batch_size),
+        super().__init__(every_n_steps, on_train_end, key="callbacks.fid.every_n_steps")
+        for key, value in (("num_samples", num_samples), ("batch_size", batch_size),
                            ("inception_batch_size", inception_batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"callbacks.fid.{key}={value!r} must be a positive integer")
@@ -476,7 +476,6 @@ class FIDCallback(EveryNSteps):
             raise ValueError(f"callbacks.fid.reference.{min(unknown)} is unknown; valid: "
                              "split, max_images, cache_dir, path")
         self.reference.setdefault("split", "train")
-        super().__init__(every_n_steps, on_train_end)
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.sampler = dict(sampler or {})

@@ -105,12 +105,8 @@ class DDPM(L.LightningModule):
             hybrid_lambda=hybrid_lambda,
         )
         self.sampler = dict(self.hparams.sampler)
-        settings = dict(self.hparams.timesteps)
-        unknown = set(settings) - {"sampler", "history", "uniform_prob"}
-        if unknown:
-            raise ValueError(f"module.timesteps.{min(unknown)} is not a setting; valid: "
-                             "sampler, history, uniform_prob")
-        self.timesteps = make_timestep_sampler(self.diffusion.num_timesteps, **settings)
+        self.timesteps = make_timestep_sampler(self.diffusion.num_timesteps,
+                                               **self.hparams.timesteps)
         check_settings(self.sampler, self.diffusion.num_timesteps, key="module.sampler")
         if self.diffusion.learned_variance and self.sampler.get("variance") is not None:
             raise ValueError(

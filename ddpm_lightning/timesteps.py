@@ -145,9 +145,12 @@ class LossAwareTimesteps(UniformTimesteps):
 
 
 def make_timestep_sampler(num_timesteps: int, sampler: str = "uniform", history: int = 10,
-                          uniform_prob: float = 1e-3):
+                          uniform_prob: float = 1e-3, **unknown):
     """``uniform`` or ``loss_aware``; ``history`` and ``uniform_prob`` are checked either way,
     so that a bad value fails at once and not when the sampler is later switched."""
+    if unknown:
+        raise ValueError(f"module.timesteps.{min(unknown)} is not a setting; valid: "
+                         "sampler, history, uniform_prob")
     _check_settings(history, uniform_prob)
     if sampler == "uniform":
         return UniformTimesteps(num_timesteps)
