@@ -19,6 +19,7 @@ from ddpm_lightning.checkpoint import (
     check_fits,
     read_checkpoint,
 )
+from ddpm_lightning.loggers import finish_wandb, make_loggers
 
 
 def build(cfg: DictConfig):
@@ -87,33 +88,7 @@ def build(cfg: DictConfig):
             check_settings({**module.sampler, **cb.sampler}, module.diffusion.num_timesteps,
                            key="callbacks.sample_grid.sampler")
 
-    loggers = []
-    if cfg.get("logger") and "_target_" in cfg.logger:
-        identity = runtime.run_identity(cfg, hc)
-        extra = {"save_dir": str(run_dir)}
-        if "WandbLogger" in cfg.logger._target_:
-            runtime.ensure_wandb_mode()
-            extra.update(name=cfg.logger.name or identity["name"],
-                         group=cfg.logger.group or identity["group"])
-            run_id_file = run_dir / "wandb_run_id.txt"
-            if resume_ckpt is not None and run_id_file.is_file():
-                extra.update(id=run_id_file.read_text().strip(), resume="allow")
-        elif "CSVLogger" in cfg.logger._target_ and resume_ckpt is not None:
-            # Lightning's CSV writer deletes an existing metrics.csv: log a resume to its own file
-            n = 1
-            while (run_dir / cfg.logger.name / f"resume_{n}").exists():
-                n += 1
-            extra["version"] = f"resume_{n}"
-        logger = instantiate(cfg.logger, **extra)
-        hparams = runtime.to_container(cfg)
-        hparams["swept"] = identity["overrides"]
-        logger.log_hyperparams(hparams)
-        if hasattr(logger, "experiment") and "WandbLogger" in cfg.logger._target_:
-            from lightning.pytorch.utilities import rank_zero_only
-
-            if rank_zero_only.rank == 0:
-                run_id_file.write_text(logger.experiment.id)
-        loggers.append(logger)
+    loggers = make_loggers(cfg, hc, run_dir, resuming=resume_ckpt is not None)
 
     trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks,
                           logger=loggers or False, plugins=[AtomicCheckpointIO()])
@@ -129,6 +104,16 @@ def main(cfg: DictConfig) -> None:
     if str(hc.mode) == "RunMode.MULTIRUN" and not runtime.is_ddp_child():
         runtime.fix_hydra_multirun_for_ddp(hc)
     L.seed_everything(cfg.seed, workers=True)
+    failed = True
+    try:
+        failed = _run(cfg, hc)
+    finally:
+        # every job of a sweep gets its own W&B run, a failed or diverged one included
+        finish_wandb(failed)
+
+
+def _run(cfg: DictConfig, hc) -> bool:
+    """Build and fit; True if the job failed (diverged, or a checkpoint could not be saved)."""
     try:
         module, datamodule, trainer, resume_ckpt, run_dir = build(cfg)
     except (ValueError, FileNotFoundError, TypeError, InstantiationException,
@@ -148,13 +133,14 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         if str(hc.mode) != "RunMode.MULTIRUN":
             sys.exit(1)
-        return
+        return True
     finally:
         if str(hc.mode) == "RunMode.MULTIRUN":
             runtime.reset_distributed(env_before)  # the next job of the sweep starts clean
     runtime.end_distributed()  # every rank got here: a clean shutdown of the process group
     if trainer.is_global_zero:
         print(f"run directory: {run_dir}")
+    return False
 
 
 if __name__ == "__main__":

@@ -138,6 +138,7 @@ class Preemption(L.Callback):
     def __init__(self, signals=("SIGTERM", "SIGINT")):
         self.signals = tuple(signals)
         self.received: str | None = None
+        self.saved_step: int | None = None
         self._previous: dict = {}
 
     def _handler(self, signum, frame):
@@ -164,6 +165,7 @@ class Preemption(L.Callback):
         if stop and not trainer.should_stop:
             path = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
             trainer.save_checkpoint(path, weights_only=False)
+            self.saved_step = trainer.global_step
             trainer.should_stop = True
             if trainer.is_global_zero:
                 print(f"received {self.received or 'a stop signal'}: saved {path} at step "
@@ -198,4 +200,9 @@ class FinalCheckpoint(L.Callback):
             self._save(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        # A run stopped by a signal mid-epoch has its last.ckpt from that step's batch end; a
+        # save here would record the epoch as finished, and a resume would skip the rest of it.
+        if any(getattr(cb, "saved_step", None) == trainer.global_step
+               for cb in trainer.callbacks if isinstance(cb, Preemption)):
+            return
         self._save(trainer)

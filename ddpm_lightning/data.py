@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ddpm_lightning import datasets as ds
+from ddpm_lightning.checkpoint import CheckpointError
 
 
 def to_model_range(images: Tensor) -> Tensor:
@@ -72,9 +73,9 @@ class DiffusionDataModule(LightningDataModule):
             ``batch_size * world_size``).
         num_workers: DataLoader workers (persistent when > 0).
         random_flip: random horizontal flip of training batches (on the device).
-        seed: seeds the train/val split, the shuffle order, the workers and the flips.
-            Under DDP Lightning's DistributedSampler shuffles instead, seeded from
-            ``seed_everything`` (``PL_GLOBAL_SEED``).
+        seed: seeds the train/val split, the shuffle order and the workers. The shuffle is
+            a function of (seed, epoch), dealt out over ranks under DDP, and the loader's
+            position in the epoch is kept in checkpoints (see ``ResumableDataLoader``).
         val_fraction: fraction of ``embedded``/``folder`` held out for val/test
             (seeded). 0 means no hold-out: val/test then use the training images.
             ``mnist``/``fashion_mnist``/``cifar10`` always use their test split.
@@ -113,6 +114,7 @@ class DiffusionDataModule(LightningDataModule):
         self._check_config()
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self._train_loader: ResumableDataLoader | None = None
 
     def _check_config(self) -> None:
         """Cheap config checks (no data access), each a one-line error."""
@@ -196,6 +198,8 @@ class DiffusionDataModule(LightningDataModule):
             raise TypeError(f"expected a uint8 image batch, got {type(batch).__name__}")
         images = to_model_range(batch)
         training = self.trainer.training if self.trainer is not None else True
+        if training and self._train_loader is not None:
+            self._train_loader.consumed += 1  # this batch reaches training_step
         if self.random_flip and training:
             # the global RNG: seeded by seed_everything and restored on resume
             images = random_hflip(images)
@@ -238,10 +242,8 @@ class DiffusionDataModule(LightningDataModule):
         on_cuda = torch.cuda.is_available() and (
             self.trainer is None or self.trainer.strategy.root_device.type == "cuda"
         )
-        return DataLoader(
-            dataset,
+        kwargs = dict(
             batch_size=self.batch_size,
-            sampler=EpochRandomSampler(dataset, self.seed) if train else None,
             drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -250,21 +252,81 @@ class DiffusionDataModule(LightningDataModule):
             worker_init_fn=seed_worker,
             generator=torch.Generator().manual_seed(self.seed + (0 if train else 1)),
         )
+        if not train:
+            return DataLoader(dataset, **kwargs)
+        world = self._world_size()
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        sampler = EpochRandomSampler(dataset, self.seed, num_replicas=world, rank=rank)
+        self._train_loader = ResumableDataLoader(dataset, sampler=sampler, **kwargs)
+        return self._train_loader
 
 
-class EpochRandomSampler(RandomSampler):
-    """A shuffle whose order depends only on (seed, epoch), so that a resumed run sees the
-    same batches as one never stopped. Lightning calls ``set_epoch`` every epoch; under DDP it
-    replaces this sampler by a DistributedSampler, which is seeded the same way."""
+class EpochRandomSampler(DistributedSampler):
+    """This rank's share of a shuffle whose order depends only on (seed, epoch), read from
+    position ``start`` on, so that a run resumed at any step sees the batches of a run never
+    stopped.
 
-    def __init__(self, data_source, seed: int = 0):
-        super().__init__(data_source)
-        self.seed = seed
-        self.epoch = 0
+    The order is ``randperm(n)`` from a generator seeded with ``seed + epoch``, padded to a
+    multiple of ``num_replicas`` and dealt out as ``order[rank::num_replicas]``, which is what
+    Lightning's DistributedSampler does with the run seed (one process: the plain permutation).
+    Being a DistributedSampler, Lightning keeps it under DDP instead of replacing it; Lightning
+    calls ``set_epoch`` every epoch."""
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, data_source, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=True,
+                         seed=seed, drop_last=False)
+        self.data_source = data_source
+        self.start = 0  # first position of this rank's share to yield
+
+    def order(self) -> list[int]:
+        """This rank's whole share for the current epoch."""
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(len(self.data_source), generator=g).tolist()
+        perm += perm[: self.total_size - len(perm)]
+        return perm[self.rank:self.total_size:self.num_replicas]
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        yield from torch.randperm(len(self.data_source), generator=g).tolist()
+        return iter(self.order()[self.start:])
+
+
+class ResumableDataLoader(DataLoader):
+    """The training loader, with its position in the epoch saved in checkpoints.
+
+    Lightning saves ``state_dict()`` with every checkpoint and passes it back to
+    ``load_state_dict`` on resume. The position is the number of batches that reached
+    ``training_step`` this epoch (``consumed``, counted by the datamodule when a training batch
+    arrives on the device), not the number the workers or Lightning's prefetcher have read
+    ahead. On resume the sampler starts after those batches, in the epoch they belong to, so
+    the same batches follow as in a run never stopped, with workers or without, under DDP too
+    (every rank skips its own share)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.consumed = 0
+        self._pending: dict | None = None
+
+    def state_dict(self) -> dict:
+        return {"epoch": int(self.sampler.epoch), "consumed": int(self.consumed),
+                "batch_size": int(self.batch_size), "num_replicas": self.sampler.num_replicas,
+                "num_samples": len(self.sampler)}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = {"batch_size": self.batch_size, "num_replicas": self.sampler.num_replicas,
+                "num_samples": len(self.sampler)}
+        for key, value in mine.items():
+            if state.get(key, value) != value:
+                raise CheckpointError(
+                    f"resume: the checkpoint's data loader had {key}={state[key]}, this run has "
+                    f"{key}={value}; a mid-epoch resume needs the same data.batch_size, devices "
+                    "and dataset"
+                )
+        self._pending = dict(state)
+
+    def __iter__(self):
+        start = 0
+        if self._pending is not None and self._pending["epoch"] == self.sampler.epoch:
+            start = self._pending["consumed"]
+        self._pending = None
+        self.consumed = start
+        self.sampler.start = start * self.batch_size
+        return super().__iter__()

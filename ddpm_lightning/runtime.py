@@ -44,27 +44,6 @@ def ensure_wandb_mode() -> str | None:
     return None
 
 
-def swept_overrides(hydra_cfg) -> list[str]:
-    """The command-line overrides of this job (``schedule=cosine``, ...), minus bookkeeping keys."""
-    exclude = set(hydra_cfg.job.config.override_dirname.exclude_keys)
-    out = []
-    for item in hydra_cfg.overrides.task:
-        key = item.split("=", 1)[0].lstrip("+~")
-        if key not in exclude and not key.startswith("hydra."):
-            out.append(item)
-    return out
-
-
-def run_identity(cfg: DictConfig, hydra_cfg) -> dict:
-    """W&B name/group/tags: the experiment name plus every swept key, so that dashboards compare
-    runs with no editing. A multirun shares one group per sweep."""
-    overrides = swept_overrides(hydra_cfg)
-    name = cfg.get("job_name") or cfg.name + (":" + ",".join(overrides) if overrides else "")
-    multirun = str(hydra_cfg.mode) == "RunMode.MULTIRUN"
-    group = f"{cfg.name}/{Path(hydra_cfg.sweep.dir).name}" if multirun else cfg.name
-    return {"name": name, "group": group, "overrides": overrides}
-
-
 def validate_trainer(trainer_cfg) -> None:
     """Reject trainer settings Lightning would accept silently or fail on late."""
     import torch

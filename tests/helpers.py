@@ -57,3 +57,22 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def series(rows: list[dict], key: str) -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+
+
+class SigtermAt:
+    """A Lightning callback for tests: the process sends itself SIGTERM at the start of
+    training batch ``step`` (mid-step, as a cluster's preemption would), once. Used as
+    ``+callbacks.kill._target_=helpers.SigtermAt +callbacks.kill.step=N`` with tests/ on
+    PYTHONPATH."""
+
+    def __new__(cls, step: int):
+        import lightning as L
+
+        class _Sigterm(L.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                import signal
+
+                if trainer.global_step == step:
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+        return _Sigterm()

@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ddpm_lightning import runtime
+from ddpm_lightning import loggers, runtime
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ["schedule", "model", "module", "data", "trainer", "logger", "callbacks", "experiment"]
@@ -66,18 +66,67 @@ def test_paper_recipe_is_exact():
     assert cfg.module.lr == 2e-4 and cfg.module.warmup_steps == 5000
     assert list(cfg.module.adam_betas) == [0.9, 0.999] and cfg.module.adam_eps == 1e-8
     assert cfg.module.ema_decay == 0.9999 and cfg.module.parameterization == "eps"
-    assert cfg.module.objective == "simple" and cfg.module.sampler.variance == "large"
+    assert cfg.module.objective == "simple" and cfg.module.variance == "fixed_large"
+    assert cfg.module.sampler.name == "ddpm" and cfg.module.sampler.variance is None  # = β_t
+    assert cfg.module.sampler.steps is None  # Table 1: all 1000 steps
     assert cfg.data.batch_size == 128 and cfg.data.random_flip is True
     assert cfg.model.dropout == 0.1 and cfg.model._target_.endswith("UNet")
     assert cfg.trainer.max_steps == 800_000 and cfg.trainer.gradient_clip_val == 1.0
     assert cfg.data.dataset == "cifar10"
 
 
+GROUP_OPTIONS = [(g, o) for g, o in OPTIONS if g != "experiment"]
+
+
+@pytest.mark.parametrize("group, option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
+def test_a_command_line_group_choice_arrives_unchanged(group, option):
+    """The default experiment selects group options; it must not write over the one the user
+    picks (it did: model=unet_cifar10 gave the CPU recipe's 702,499-parameter network)."""
+    root = ["data.root=/x"] if group == "data" else []
+    with_default = _compose(f"{group}={option}", *root)
+    alone = _compose(f"{group}={option}", "~experiment", *root)
+    assert OmegaConf.to_container(with_default[group]) == OmegaConf.to_container(alone[group])
+    assert with_default.name == "cpu_embedded"  # the default experiment was applied
+
+
+def test_unet_cifar10_on_the_command_line_is_the_papers_network():
+    cfg = _compose("model=unet_cifar10")
+    model = instantiate(cfg.model)
+    assert sum(p.numel() for p in model.parameters()) == 35_746_307
+
+
+@pytest.mark.parametrize("experiment", [o for g, o in OPTIONS if g == "experiment"])
+def test_recipes_hold_no_numbers_of_the_method_groups(experiment):
+    """Each number of a recipe stands in one file: experiments select schedule, model and
+    module options and never repeat or patch their values."""
+    raw = OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml")
+    for group in ("schedule", "model", "module"):
+        assert group not in raw, f"experiment/{experiment}.yaml sets {group} keys"
+
+
+def test_cpu_recipe_values_come_from_its_group_options():
+    cfg = _compose()
+    assert (cfg.model.ch, list(cfg.model.ch_mult), cfg.model.image_size) == (32, [1, 2], 16)
+    assert (cfg.data.image_size, cfg.data.batch_size) == (16, 64)
+    assert (cfg.module.lr, cfg.module.warmup_steps, cfg.module.ema_decay) == (2e-3, 100, 0.995)
+    assert cfg.trainer.max_steps == 3000
+    assert sum(p.numel() for p in instantiate(cfg.model).parameters()) == 701_345
+
+
+def test_256_recipes_sample_with_the_small_variance():
+    for experiment in ("celebahq256_ddpm", "lsun_church256_ddpm"):
+        cfg = _compose(f"experiment={experiment}", "data.root=/x")
+        assert cfg.module.variance == "fixed_small" and cfg.module.lr == 2e-5
+        assert cfg.model.dropout == 0.0 and cfg.data.batch_size == 64
+    assert _compose("experiment=lsun_church256_ddpm", "data.root=/x").trainer.max_steps == 1_200_000
+    assert _compose("experiment=celebahq256_ddpm", "data.root=/x").trainer.max_steps == 500_000
+
+
 def test_run_identity_carries_the_swept_keys():
     cfg = _compose("experiment=cpu_embedded", "schedule=cosine", "module.lr=0.001",
                    "trainer.devices=1", hydra=True)
     HydraConfig.instance().set_config(cfg)
-    ident = runtime.run_identity(cfg, HydraConfig.get())
+    ident = loggers.run_identity(cfg, HydraConfig.get())
     assert ident["name"] == "cpu_embedded:experiment=cpu_embedded,schedule=cosine,module.lr=0.001"
     assert ident["group"] == "cpu_embedded"  # a single run: grouped by experiment
     assert "trainer.devices=1" not in ident["overrides"]  # bookkeeping keys are not "swept"

@@ -336,7 +336,7 @@ def test_default_config_values():
     cfg = OmegaConf.load(CONF_DIR / "embedded.yaml")
     assert (cfg.dataset, cfg.image_size, cfg.channels, cfg.batch_size, cfg.random_flip) == (
         "embedded",
-        32,
+        16,
         1,
         64,
         False,
