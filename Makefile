@@ -28,7 +28,7 @@ train: $(STAMP)
 	$(PY) train.py $(ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check ddpm_lightning tests train.py sample.py
+	$(VENV)/bin/ruff check ddpm_lightning tests tools train.py sample.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

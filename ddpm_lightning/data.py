@@ -258,6 +258,8 @@ class DiffusionDataModule(LightningDataModule):
         rank = self.trainer.global_rank if self.trainer is not None else 0
         sampler = EpochRandomSampler(dataset, self.seed, num_replicas=world, rank=rank)
         self._train_loader = ResumableDataLoader(dataset, sampler=sampler, **kwargs)
+        if self.trainer is not None:
+            self._train_loader.epoch_batches = lambda: self.trainer.num_training_batches
         return self._train_loader
 
 
@@ -296,17 +298,24 @@ class ResumableDataLoader(DataLoader):
     ``load_state_dict`` on resume. The position is the number of batches that reached
     ``training_step`` this epoch (``consumed``, counted by the datamodule when a training batch
     arrives on the device), not the number the workers or Lightning's prefetcher have read
-    ahead. On resume the sampler starts after those batches, in the epoch they belong to, so
-    the same batches follow as in a run never stopped, with workers or without, under DDP too
-    (every rank skips its own share)."""
+    ahead. On resume the sampler starts after those batches, in the epoch they belong to (the
+    next epoch if they completed it: ``epoch_batches`` is the epoch's length as the Trainer
+    runs it, e.g. under ``limit_train_batches``), so the same batches follow as in a run never
+    stopped, with workers or without, under DDP too (every rank skips its own share).
+
+    The epoch is set here, at load time, because Lightning creates the first iterator (and
+    its workers prefetch) before it calls ``set_epoch`` for the resumed epoch."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.consumed = 0
-        self._pending: dict | None = None
+        self.epoch_batches = None  # set by the datamodule: the Trainer's batches per epoch
+        self._start: int | None = None
 
     def state_dict(self) -> dict:
+        length = self.epoch_batches() if callable(self.epoch_batches) else len(self)
         return {"epoch": int(self.sampler.epoch), "consumed": int(self.consumed),
+                "epoch_batches": int(min(length, len(self))),
                 "batch_size": int(self.batch_size), "num_replicas": self.sampler.num_replicas,
                 "num_samples": len(self.sampler)}
 
@@ -320,13 +329,14 @@ class ResumableDataLoader(DataLoader):
                     f"{key}={value}; a mid-epoch resume needs the same data.batch_size, devices "
                     "and dataset"
                 )
-        self._pending = dict(state)
+        epoch, consumed = int(state["epoch"]), int(state["consumed"])
+        if consumed >= int(state.get("epoch_batches", len(self))):
+            epoch, consumed = epoch + 1, 0  # it stopped on the epoch's last batch
+        self.sampler.set_epoch(epoch)
+        self._start = consumed
 
     def __iter__(self):
-        start = 0
-        if self._pending is not None and self._pending["epoch"] == self.sampler.epoch:
-            start = self._pending["consumed"]
-        self._pending = None
+        start, self._start = self._start or 0, None
         self.consumed = start
         self.sampler.start = start * self.batch_size
         return super().__iter__()

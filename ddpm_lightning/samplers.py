@@ -1,36 +1,69 @@
-"""Samplers as plain loops that take the network: DDPM (Algorithm 2) and DDIM.
+"""Samplers as plain loops that take the network: DDPM (Algorithm 2), DDIM and DPM-Solver++.
 
 Sampling with S < T steps runs on a *respaced* chain: for kept timesteps s_1 < … < s_S the
 chain's betas are recomputed as β'_i = 1 − ᾱ_{s_i}/ᾱ_{s_{i−1}} (ᾱ_{s_0} = 1), so that its
 marginals q(x_{s_i} | x_0) match the original process. Skipping timesteps without this
 recomputation is the "DDPM with fewer steps gives pure noise" bug of other projects.
+
+Every step first forms the prediction x̂_0 and ε̂ from the network output; ``clip`` says what is
+done with them (see ``denoise``).
 """
 
 from __future__ import annotations
-
-from typing import Literal
 
 import numpy as np
 import torch
 
 from .diffusion import GaussianDiffusion, Model
 
-SAMPLERS = ("ddpm", "ddim")
-SPACINGS = ("uniform", "quadratic")
+SAMPLERS = ("ddpm", "ddim", "dpm_solver")
+SPACINGS = ("trailing", "linspace", "uniform", "leading", "quadratic", "quadratic_rounded")
+CLIPS = ("rederive", "raw_eps", "none", "dynamic")
+DEFAULT_SPACING = "trailing"
+FINALS = ("zero", "sigma_min")
+SETTINGS = ("name", "steps", "eta", "spacing", "variance", "clip", "order", "sde", "final")
+DYNAMIC_QUANTILE = 0.995  # Imagen's dynamic thresholding percentile
 
 
-def timestep_subsequence(T: int, steps: int, spacing: Literal["uniform", "quadratic"] = "uniform"):
-    """``steps`` distinct increasing timesteps in [0, T − 1] (0-indexed), always ending at T − 1
-    for uniform spacing. ``quadratic`` follows DDIM's CIFAR-10 choice (dense near t = 0)."""
+def timestep_subsequence(T: int, steps: int, spacing: str = DEFAULT_SPACING) -> np.ndarray:
+    """The kept timesteps (0-indexed, increasing) of a chain of ``steps`` out of T.
+
+    trailing           round(arange(T, 0, −T/S)) − 1: ends at T − 1, even gaps (Lin et al.
+                       2024, "Common diffusion noise schedules and sample steps are flawed").
+    linspace           round(linspace(0, T − 1, S)): improved-diffusion's; ends at T − 1.
+    uniform            range(0, T, T // S), exactly the DDIM paper's released code (the same as
+                       Lin et al.'s "leading"); starts its chain at T − T//S, not T − 1, and has
+                       more than S steps when S does not divide T.
+    leading            arange(S) · (T // S): diffusers' "leading"; exactly S steps.
+    quadratic          int(linspace(0, √(0.8 T), S)²), exactly DDIM's CIFAR-10 code: dense near
+                       t = 0, ends at 0.8 T, and repeats small timesteps when S is large.
+    quadratic_rounded  round(linspace(0, √(0.8 (T − 1)), S)²), nudged to be strictly
+                       increasing (this project's "quadratic" before DDIM's exact one).
+
+    A repeated timestep is a no-op of the deterministic update and is dropped by ``sample``.
+    """
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
         raise ValueError(f"sampler.steps={steps!r} is invalid; it must be an integer in [1, T={T}]")
+    if spacing == "trailing":
+        return np.round(np.arange(T, 0, -T / steps)).astype(np.int64)[::-1] - 1
+    if spacing == "linspace":
+        return _strictly_increasing(np.round(np.linspace(0, T - 1, steps)).astype(np.int64))
     if spacing == "uniform":
-        seq = np.round(np.linspace(T - 1, 0, steps)[::-1]).astype(np.int64)
-    elif spacing == "quadratic":
+        return np.arange(0, T, T // steps, dtype=np.int64)
+    if spacing == "leading":
+        return np.arange(steps, dtype=np.int64) * (T // steps)
+    if spacing == "quadratic":
+        return np.array([int(s) for s in np.linspace(0, np.sqrt(T * 0.8), steps) ** 2])
+    if spacing == "quadratic_rounded":
         seq = np.round(np.linspace(np.sqrt(0.8 * (T - 1)), 0, steps)[::-1] ** 2).astype(np.int64)
-    else:
-        raise ValueError(f"sampler.spacing={spacing!r} is unknown; valid values: {', '.join(SPACINGS)}")
-    for i in range(1, len(seq)):  # make strictly increasing without leaving [0, T − 1]
+        return _strictly_increasing(seq)
+    raise ValueError(f"sampler.spacing={spacing!r} is unknown; valid values: {', '.join(SPACINGS)}")
+
+
+def _strictly_increasing(seq: np.ndarray) -> np.ndarray:
+    """Nudge duplicates apart without leaving [seq[0], seq[-1]]."""
+    seq = seq.copy()
+    for i in range(1, len(seq)):
         seq[i] = max(seq[i], seq[i - 1] + 1)
     for i in range(len(seq) - 2, -1, -1):
         seq[i] = min(seq[i], seq[i + 1] - 1)
@@ -68,25 +101,62 @@ def respace(diffusion: GaussianDiffusion, timesteps) -> GaussianDiffusion:
     return out
 
 
-def _prepare(model, diffusion, steps, spacing):
+def chain_for(model, diffusion: GaussianDiffusion, steps, spacing):
+    """(network, chain) for sampling ``steps`` of ``diffusion``'s T steps (None: all)."""
     T = diffusion.num_timesteps
-    if steps is None or steps == T:
+    seq = np.arange(T) if steps is None else np.unique(timestep_subsequence(T, steps, spacing))
+    if len(seq) == T:
         return model, diffusion
-    seq = timestep_subsequence(T, steps, spacing)
     return _TimestepMap(model, seq), respace(diffusion, seq)
 
 
-@torch.no_grad()
+def denoise(chain: GaussianDiffusion, net, x, t, clip: str = "rederive", variance=None):
+    """One network call: p_θ(x_{t−1} | x_t) and the predictions, after ``clip``:
+
+    rederive  clip x̂_0 to [−1, 1] and re-derive ε̂ from it (improved-diffusion's way);
+    raw_eps   clip x̂_0 but keep the network's own ε̂ (diffusers' DDIM default);
+    none      neither (the DDIM paper's code);
+    dynamic   Imagen's dynamic thresholding: s = max(1, the 99.5th percentile of |x̂_0|) per
+              image, x̂_0 ← clip(x̂_0, −s, s) / s, and ε̂ re-derived.
+    The DDPM mean is the posterior mean given the handled x̂_0 (µ̃-prediction keeps its own)."""
+    output = net(x, t)
+    out = chain.p_mean_variance(net, x, t, variance=variance, clip_denoised=False, output=output)
+    x0, eps = out["pred_x0"], out["pred_eps"]
+    if chain.parameterization == "eps":
+        eps = chain.split_output(output, x)[0]  # the network's ε̂ itself
+    if clip == "none":
+        return {**out, "pred_x0": x0, "pred_eps": eps}
+    if clip == "dynamic":
+        s = torch.quantile(x0.flatten(1).abs().float(), DYNAMIC_QUANTILE, dim=1).clamp(min=1.0)
+        s = s.to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
+        x0 = x0.clamp(-s, s) / s
+    else:
+        x0 = x0.clamp(-1.0, 1.0)
+    if clip != "raw_eps" or chain.parameterization != "eps":
+        eps = chain.predict_eps_from_x0(x, t, x0)
+    mean = out["mean"] if chain.parameterization == "mu" else \
+        chain.q_posterior_mean_variance(x0, x, t)[0]
+    return {**out, "mean": mean, "pred_x0": x0, "pred_eps": eps}
+
+
+def _noise_like(x, generator):
+    return torch.randn(x.shape, device=x.device, generator=generator, dtype=x.dtype)
+
+
+@torch.inference_mode()
 def sample(
     model: Model,
     diffusion: GaussianDiffusion,
     shape,
-    sampler: Literal["ddpm", "ddim"] = "ddpm",
+    sampler: str = "ddpm",
     steps: int | None = None,
     eta: float = 0.0,
-    spacing: Literal["uniform", "quadratic"] = "uniform",
+    spacing: str = DEFAULT_SPACING,
     variance: str | None = None,
-    clip_denoised: bool = True,
+    clip: str = "rederive",
+    order: int = 2,
+    sde: bool = False,
+    final: str = "zero",
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     device=None,
@@ -98,15 +168,18 @@ def sample(
           ``variance`` ("large" = β_t, "small" = β̃_t; default: the diffusion's own).
     ddim: x_{t'} = √ᾱ_{t'} x̂_0 + √(1 − ᾱ_{t'} − σ²) ε̂ + σ z with
           σ = η √((1 − ᾱ_{t'})/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_{t'}) (Song et al. 2021, eq. 12).
-    ``steps`` < T respaces the chain (``spacing`` uniform or quadratic). ``noise`` fixes x_T.
+    dpm_solver: DPM-Solver++ (Lu et al. 2022), multistep, of ``order`` 1 or 2, on the
+          probability-flow ODE or (``sde``) its SDE form; see ``dpm_solver_step``. ``final``:
+          "zero" ends with a first-order step to σ = 0, i.e. the last x̂_0 (diffusers'
+          final_sigmas_type="zero"); "sigma_min" ends at the training chain's smallest σ
+          (t = 0), with a first-order last step when there are fewer than 15 steps
+          (diffusers' lower_order_final).
+    ``steps`` < T respaces the chain (``spacing``). ``noise`` fixes x_T. ``clip``: see
+    ``denoise``.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler.name={sampler!r} is unknown; valid values: {', '.join(SAMPLERS)}")
-    if not (eta >= 0.0 and np.isfinite(eta)):
-        raise ValueError(f"sampler.eta={eta!r} is invalid; it must be a finite number >= 0")
     if device is None:
         device = noise.device if noise is not None else next(_params(model), torch.zeros(0)).device
-    net, chain = _prepare(model, diffusion, steps, spacing)
+    net, chain = chain_for(model, diffusion, steps, spacing)
     x = noise.to(device) if noise is not None else torch.randn(
         *shape, device=device, generator=generator
     )
@@ -117,13 +190,16 @@ def sample(
 
         indices = tqdm(indices, desc=f"{sampler} sampling", leave=False)
     abar = chain._on(x.device)["alphas_cumprod"]
+    if sampler == "dpm_solver" and final == "sigma_min":  # one more point: t = 0 of training
+        abar = torch.cat([diffusion._on(x.device)["alphas_cumprod"][:1], abar])
+    history: list[tuple[torch.Tensor, float]] = []  # DPM-Solver++: earlier (x̂_0, λ)
     for i in indices:
         t = torch.full((n,), i, device=x.device, dtype=torch.long)
-        out = chain.p_mean_variance(net, x, t, variance=variance, clip_denoised=clip_denoised)
-        z = torch.randn(x.shape, device=x.device, generator=generator, dtype=x.dtype) if i > 0 else None
+        out = denoise(chain, net, x, t, clip=clip, variance=variance)
         if sampler == "ddpm":
-            x = out["mean"] + torch.exp(0.5 * out["log_variance"]) * z if i > 0 else out["mean"]
-        else:
+            x = out["mean"] + torch.exp(0.5 * out["log_variance"]) * _noise_like(x, generator) \
+                if i > 0 else out["mean"]
+        elif sampler == "ddim":
             a_t = abar[i]
             a_prev = abar[i - 1] if i > 0 else abar.new_tensor(1.0)
             sigma = eta * torch.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
@@ -132,17 +208,68 @@ def sample(
                 + torch.sqrt((1 - a_prev - sigma**2).clamp(min=0)) * out["pred_eps"]
             ).to(x.dtype)
             if i > 0 and eta > 0:
-                x = x + sigma.to(x.dtype) * z
+                x = x + sigma.to(x.dtype) * _noise_like(x, generator)
+        else:
+            use_order = 1 if not history else order
+            if final == "zero" and i == 0:
+                x = out["pred_x0"]
+                continue
+            if final == "sigma_min":  # chain index i is abar[i + 1]; the last step lands on t = 0
+                if i == 0 and chain.num_timesteps < 15:
+                    use_order = 1
+                x = dpm_solver_step(x, out["pred_x0"], history, abar, i + 1, use_order, sde,
+                                    generator).to(x.dtype)
+            else:
+                x = dpm_solver_step(x, out["pred_x0"], history, abar, i, use_order, sde,
+                                    generator).to(x.dtype)
     return x
 
 
+def _lambda(abar_t: torch.Tensor) -> torch.Tensor:
+    """λ = log(α/σ) = ½ log(ᾱ / (1 − ᾱ)), the half log-SNR."""
+    return 0.5 * (torch.log(abar_t) - torch.log1p(-abar_t))
+
+
+def dpm_solver_step(x, x0, history, abar, i: int, order: int, sde: bool, generator):
+    """One DPM-Solver++ step from ᾱ = abar[i] to abar[i − 1] (i ≥ 1), in float64
+    coefficients, with α = √ᾱ, σ = √(1 − ᾱ), h = λ_{i−1} − λ_i:
+
+    ODE, 1st order:  x' = (σ'/σ) x − α' (e^{−h} − 1) D
+    SDE, 1st order:  x' = (σ'/σ) e^{−h} x + α' (1 − e^{−2h}) D + σ' √(1 − e^{−2h}) z
+    with D = x̂_0 for order 1, and for order 2 (multistep, the midpoint form) D = x̂_0 plus
+    ½ (x̂_0 − x̂_0^prev) / r with r = h_prev / h. (A step to σ' = 0 gives x' = x̂_0 in both
+    forms; ``sample`` takes it directly.) ``history`` holds (x̂_0, λ) of earlier steps and is
+    appended to.
+    """
+    a_t = abar[i]
+    lam = _lambda(a_t)
+    a_next = abar[i - 1]
+    lam_next = _lambda(a_next)
+    alpha_next, sigma_next, sigma = a_next.sqrt(), (1 - a_next).sqrt(), (1 - a_t).sqrt()
+    h = lam_next - lam
+    d = x0
+    if order == 2 and history:
+        x0_prev, lam_prev = history[-1]
+        r = (lam - lam_prev) / h
+        d = x0 + (0.5 / r).to(x0.dtype) * (x0 - x0_prev)
+    history.append((x0, lam))
+    if not sde:
+        return (sigma_next / sigma).to(x.dtype) * x \
+            - (alpha_next * torch.expm1(-h)).to(x.dtype) * d
+    decay = torch.exp(-h)
+    out = (sigma_next / sigma * decay).to(x.dtype) * x \
+        + (alpha_next * -torch.expm1(-2 * h)).to(x.dtype) * d
+    return out + (sigma_next * torch.sqrt(-torch.expm1(-2 * h))).to(x.dtype) \
+        * _noise_like(x, generator)
+
+
 def sampler_kwargs(settings) -> dict:
-    """Config form ``{name, steps, eta, spacing, variance}`` → keyword arguments of ``sample``."""
+    """Config form ``{name, steps, eta, …}`` → keyword arguments of ``sample``."""
     settings = dict(settings or {})
-    unknown = set(settings) - {"name", "steps", "eta", "spacing", "variance", "clip_denoised"}
+    unknown = set(settings) - set(SETTINGS)
     if unknown:
         raise ValueError(f"sampler.{sorted(unknown)[0]} is not a sampler setting; valid: "
-                         "name, steps, eta, spacing, variance, clip_denoised")
+                         + ", ".join(SETTINGS))
     if "name" in settings:
         settings["sampler"] = settings.pop("name")
     return settings
@@ -161,12 +288,20 @@ def check_settings(settings, T: int, key: str = "sampler") -> dict:
     eta = kwargs.get("eta", 0.0)
     if not (isinstance(eta, (int, float)) and np.isfinite(eta) and eta >= 0):
         raise ValueError(f"{key}.eta={eta!r} is invalid; it must be a finite number >= 0")
-    spacing = kwargs.get("spacing", "uniform")
-    if spacing not in SPACINGS:
-        raise ValueError(f"{key}.spacing={spacing!r} is unknown; valid values: {', '.join(SPACINGS)}")
+    choices = {"spacing": SPACINGS, "clip": CLIPS, "order": (1, 2), "sde": (False, True),
+               "final": FINALS}
+    for setting, valid in choices.items():
+        value = kwargs.get(setting)
+        if value is not None and (value not in valid or type(value) is not type(valid[0])):
+            raise ValueError(f"{key}.{setting}={value!r} is unknown; valid values: "
+                             + ", ".join(str(v) for v in valid))
     variance = kwargs.get("variance")
     if variance not in (None, "small", "large", "fixed_small", "fixed_large"):
         raise ValueError(f"{key}.variance={variance!r} is unknown; valid values: null, large, small")
+    if name == "dpm_solver" and (variance is not None or eta):
+        what = "variance" if variance is not None else "eta"
+        raise ValueError(f"{key}.{what}={kwargs[what]!r} does not apply to {key}.name="
+                         "'dpm_solver' (its steps have no free variance); set it to null")
     return kwargs
 
 
