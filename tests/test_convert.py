@@ -92,7 +92,7 @@ def test_golden_same_eps_as_diffusers(reference):
     net.load_state_dict(convert.unet_from_diffusers(state_dict), strict=True)
     diff = max_diff(net, reference)
     print(f"max |eps_ours - eps_diffusers| = {diff:.3g}")
-    assert diff < 1e-4
+    assert diff < 1e-5  # measured 3e-6; the README states < 1e-5
 
 
 def test_config_of_cifar10_model_is_accepted(reference, tmp_path):
