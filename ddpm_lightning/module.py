@@ -47,6 +47,12 @@ class DDPM(L.LightningModule):
         channels_last: store the weights of ``model`` and ``ema_model`` channels-last (a layout
             change only: same function, same state_dict); False converts them to the classic
             NCHW layout. Our UNet is channels-last already.
+        check_every_n_steps: how often (in optimizer steps) the device-side checks are read on
+            the host: a non-finite loss or gradient norm is recorded on the device at every
+            step with no host sync, and raised (with the step and the batch's t of the first
+            one) every N steps and before any checkpoint is written, so a diverged run stops
+            within N steps and never saves a non-finite checkpoint. The per-quarter losses are
+            averaged on the device over the same window and logged then.
         compile: ``torch.compile`` the training network's call (``model.compile``): False, True,
             or a mode name ("default", "reduce-overhead", "max-autotune"). The EMA copy stays
             eager and the state_dict keys are unchanged. Compilation happens on the first
@@ -73,6 +79,7 @@ class DDPM(L.LightningModule):
         run_config: Mapping | None = None,
         channels_last: bool = True,
         compile: bool | str = False,
+        check_every_n_steps: int = 50,
     ):
         super().__init__()
         _check_number("module.lr", lr, "a finite number > 0", lambda v: v > 0)
@@ -82,6 +89,9 @@ class DDPM(L.LightningModule):
         _check_number("module.weight_decay", weight_decay, "a finite number >= 0",
                       lambda v: v >= 0)
         _check_number("module.adam_eps", adam_eps, "a finite number > 0", lambda v: v > 0)
+        _check_number("module.check_every_n_steps", check_every_n_steps, "an integer >= 1",
+                      lambda v: isinstance(v, int) and v >= 1)
+        self.check_every_n_steps = check_every_n_steps
         if len(adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in adam_betas):
             raise ValueError(f"module.adam_betas={list(adam_betas)!r} must be two numbers in [0, 1)")
         # Plain Python containers only, so that checkpoints load with torch.load(weights_only=True).
@@ -115,6 +125,7 @@ class DDPM(L.LightningModule):
             )
         self._last_batch_end: float | None = None
         self._own_rng_restored = False
+        self._watch: dict[str, torch.Tensor] | None = None  # device-side checks, see below
 
     # ------------------------------------------------------------- networks
     @property
@@ -145,44 +156,87 @@ class DDPM(L.LightningModule):
         losses, t = self.diffusion.training_loss(self.model, x0, t=t)
         # weights = 1 / (T·p_t): an unbiased estimate of the uniform-t loss (1 for uniform t)
         loss = (losses * weights).mean()
-        self._check_finite(loss, t)
+        self._record_nonfinite(loss, 0, t)
         self.log("train/loss", loss, prog_bar=True)
-        self._log_loss_by_quartile(losses.detach(), t, weights)
+        self._add_loss_by_quartile(losses.detach(), t, weights)
         if self.timesteps.name != "uniform":
             # every rank records every rank's (t, loss), so that all draw from the same p_t
             self.timesteps.update(self.all_gather(t), self.all_gather(losses.detach()))
         return loss
 
-    def _check_finite(self, loss: torch.Tensor, t: torch.Tensor) -> None:
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite loss {loss.item()} at global step {self.global_step} "
-                f"(batch timesteps t={t.tolist()}); the last good checkpoint is kept"
-            )
+    # ------------------------------------------- device-side checks (no host sync per step)
+    def _watch_state(self, device, batch: int) -> dict[str, torch.Tensor]:
+        if self._watch is None or self._watch["step"].device != device:
+            self._watch = {
+                "step": torch.full((), -1, dtype=torch.long, device=device),  # first bad step
+                "what": torch.zeros((), dtype=torch.long, device=device),  # 0 loss, 1 grad
+                "value": torch.zeros((), device=device),
+                "t": torch.zeros(batch, dtype=torch.long, device=device),
+                "q_sums": torch.zeros(4, device=device),
+                "q_mass": torch.zeros(4, device=device),
+            }
+        return self._watch
 
-    def _log_loss_by_quartile(self, losses: torch.Tensor, t: torch.Tensor,
+    def _record_nonfinite(self, value: torch.Tensor, what: int, t: torch.Tensor | None) -> None:
+        """Remember the first non-finite loss (what=0) or gradient norm (1), on the device."""
+        w = self._watch_state(value.device, t.shape[0] if t is not None else 1)
+        first = ~torch.isfinite(value.detach()) & (w["step"] < 0)
+        w["step"] = torch.where(first, self.global_step, w["step"])
+        w["what"] = torch.where(first, what, w["what"])
+        w["value"] = torch.where(first, value.detach().float(), w["value"])
+        if t is not None and t.shape == w["t"].shape:
+            w["t"] = torch.where(first, t, w["t"])
+
+    def raise_if_nonfinite(self) -> None:
+        """The one host sync of the checks: raise FloatingPointError for the first non-finite
+        loss or gradient norm recorded since the start."""
+        if self._watch is None:
+            return
+        w = self._watch
+        step = int(w["step"])
+        if step < 0:
+            return
+        if int(w["what"]) == 0:
+            raise FloatingPointError(
+                f"non-finite loss {w['value'].item()} at global step {step} "
+                f"(batch timesteps t={w['t'].tolist()}); the last good checkpoint is kept"
+            )
+        raise FloatingPointError(
+            f"non-finite gradient norm {w['value'].item()} at global step {step}; "
+            "the last good checkpoint is kept"
+        )
+
+    def _add_loss_by_quartile(self, losses: torch.Tensor, t: torch.Tensor,
                               weights: torch.Tensor) -> None:
-        """train/loss_q0 … q3: the loss of timesteps in each quarter of [0, T), as if t were
-        uniform (importance weights self-normalized within each quarter)."""
+        """Accumulate, on the device, the loss of timesteps in each quarter of [0, T), as if t
+        were uniform (importance weights self-normalized within each quarter)."""
+        w = self._watch_state(losses.device, t.shape[0])
         q = (t * 4) // self.diffusion.num_timesteps
-        w = weights.float()
-        sums = torch.zeros(4, device=losses.device).index_add_(0, q, losses.float() * w)
-        mass = torch.zeros(4, device=losses.device).index_add_(0, q, w)
-        counts = torch.bincount(q, minlength=4).to(losses.device)
-        for i, n in enumerate(counts.tolist()):
-            if n:  # a quarter with no t in this batch logs nothing (not a spurious 0)
-                self.log(f"train/loss_q{i}", sums[i] / mass[i].clamp(min=1e-12), batch_size=n)
+        wt = weights.float()
+        w["q_sums"].index_add_(0, q, losses.float() * wt)
+        w["q_mass"].index_add_(0, q, wt)
+
+    def _flush_loss_by_quartile(self) -> None:
+        """train/loss_q0 … q3: the window's mean loss per quarter; a quarter with no t in the
+        window logs nothing (not a spurious 0)."""
+        if self._watch is None or not self.loggers:
+            return
+        w = self._watch
+        sums, mass = torch.stack([w["q_sums"], w["q_mass"]]).tolist()
+        metrics = {f"train/loss_q{i}": s / m for i, (s, m) in enumerate(zip(sums, mass)) if m > 0}
+        w["q_sums"].zero_()
+        w["q_mass"].zero_()
+        if metrics and self.trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=self.global_step)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads:
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
             # fp16 AMP overflows on purpose: its grad scaler skips those steps itself
-            if not torch.isfinite(norm) and not str(self.trainer.precision).startswith("16"):
-                raise FloatingPointError(
-                    f"non-finite gradient norm {norm.item()} at global step {self.global_step}; "
-                    "the last good checkpoint is kept"
-                )
+            if not str(self.trainer.precision).startswith("16"):
+                self._record_nonfinite(norm, 1, None)
             self.log("train/grad_norm", norm)
 
     def optimizer_step(self, *args, **kwargs) -> None:
@@ -196,6 +250,9 @@ class DDPM(L.LightningModule):
             self.log("train/images_per_sec", images / max(now - self._last_batch_end, 1e-9))
         self._last_batch_end = now
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        if self.global_step % self.check_every_n_steps == 0:
+            self.raise_if_nonfinite()
+            self._flush_loss_by_quartile()
 
     # ----------------------------------------------------------- validation
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
@@ -222,7 +279,9 @@ class DDPM(L.LightningModule):
     # ------------------------------------------------------- checkpointing
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep the RNG states (every rank's, under DDP), so that a resumed run draws the same
-        t, ε and flips; and the timestep sampler's loss history."""
+        t, ε and flips; and the timestep sampler's loss history. A run that has gone non-finite
+        since the last check raises here instead, so no checkpoint holds non-finite weights."""
+        self.raise_if_nonfinite()
         states = _collect_rng_states()
         checkpoint["rng_states"] = states
         # Every rank calls this for a normal save (rank 0 writes the file). A save after an
@@ -244,8 +303,11 @@ class DDPM(L.LightningModule):
         self.timesteps.load_state_dict(checkpoint.get("timestep_sampler") or {})
 
     def on_train_end(self) -> None:
-        """Under DDP, check that every rank holds the same EMA weights and the same timestep
-        loss history (all-gathered checksums)."""
+        """The last window's checks and quarter losses; then, under DDP, check that every rank
+        holds the same EMA weights and the same timestep loss history (all-gathered
+        checksums)."""
+        self.raise_if_nonfinite()
+        self._flush_loss_by_quartile()
         if self.trainer.world_size <= 1:
             return
         with torch.no_grad():

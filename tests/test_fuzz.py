@@ -52,6 +52,8 @@ RULES = {
     "module.timesteps.history": int_ge(1),
     "module.timesteps.uniform_prob": lambda v: _finite(v) and 0 < v <= 1,
     "module.sampler.eta": lambda v: _finite(v) and v >= 0,
+    "module.sampler.order": lambda v: _is_int(v) and v in (1, 2),
+    "module.check_every_n_steps": int_ge(1),
     "module.sampler.steps": lambda v: _is_int(v) and 1 <= v <= 20,  # T = 20 below
     "callbacks.sample_grid.sampler.steps": lambda v: _is_int(v) and 1 <= v <= 20,
     "data.image_size": lambda v: v == 16,  # must equal model.image_size
