@@ -9,6 +9,7 @@ import contextlib
 import lightning as L
 import pytest
 import torch
+from test_reliability import NaNAfter
 
 from ddpm_lightning.data import DiffusionDataModule
 from ddpm_lightning.module import DDPM
@@ -94,21 +95,6 @@ def test_the_guard_catches_a_sync():
 
     with pytest.raises(HostSync, match="Tensor.__bool__"):
         _fit(Syncing(_net(), make_beta_schedule("linear", 50), warmup_steps=0), steps=1)
-
-
-class NaNAfter(torch.nn.Module):
-    def __init__(self, net, at):
-        super().__init__()
-        self.net, self.at, self.calls = net, at, 0
-        self.in_channels, self.image_size = net.in_channels, net.image_size
-
-    def forward(self, x, t):
-        out = self.net(x, t)
-        if self.training:
-            self.calls += 1
-            if self.calls > self.at:
-                return out * float("nan")
-        return out
 
 
 def test_a_nonfinite_loss_is_raised_within_n_steps_naming_its_step():
