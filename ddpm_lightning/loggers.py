@@ -19,15 +19,16 @@ ORIGINAL_ARGV = list(sys.argv)
 _W_AND_B_GROUP_MAX = 128  # W&B's limit on a group name
 
 
+def _key(override: str) -> str:
+    """``+a.b=1`` → ``a.b``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def _task_overrides(hydra_cfg) -> list[str]:
     """The command-line overrides of this job (``schedule=cosine``, ...), minus bookkeeping."""
     exclude = set(hydra_cfg.job.config.override_dirname.exclude_keys)
-    out = []
-    for item in hydra_cfg.overrides.task:
-        key = item.split("=", 1)[0].lstrip("+~")
-        if key not in exclude and not key.startswith("hydra."):
-            out.append(item)
-    return out
+    return [o for o in hydra_cfg.overrides.task
+            if _key(o) not in exclude and not _key(o).startswith("hydra.")]
 
 
 def swept_keys(hydra_cfg, argv: list[str] | None = None) -> set[str]:
@@ -58,17 +59,17 @@ def run_identity(cfg: DictConfig, hydra_cfg, argv: list[str] | None = None) -> d
     the whole sweep: ``cpu_embedded/<sweep dir>:trainer.max_steps=30``."""
     overrides = _task_overrides(hydra_cfg)
     multirun = str(hydra_cfg.mode) == "RunMode.MULTIRUN"
-    if not multirun:
-        name = cfg.get("job_name") or cfg.name + (":" + ",".join(overrides) if overrides else "")
-        return {"name": name, "group": cfg.name, "overrides": overrides, "sweep": {}}
-    keys = swept_keys(hydra_cfg, argv)
-    swept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in keys]
+    keys = swept_keys(hydra_cfg, argv) if multirun else set()
+    swept = [o for o in overrides if _key(o) in keys]
     fixed = [o for o in overrides if o not in swept]
-    name = cfg.get("job_name") or cfg.name + (":" + ",".join(swept) if swept else "")
-    group = f"{cfg.name}/{Path(hydra_cfg.sweep.dir).name}"
-    if fixed:
-        group = f"{group}:{','.join(fixed)}"[:_W_AND_B_GROUP_MAX]
-    sweep = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in swept}
+    shown = swept if multirun else overrides
+    name = cfg.get("job_name") or cfg.name + (":" + ",".join(shown) if shown else "")
+    group = cfg.name
+    if multirun:
+        group = f"{cfg.name}/{Path(hydra_cfg.sweep.dir).name}"
+        if fixed:
+            group = f"{group}:{','.join(fixed)}"[:_W_AND_B_GROUP_MAX]
+    sweep = {_key(o): o.split("=", 1)[1] for o in swept}
     return {"name": name, "group": group, "overrides": overrides, "sweep": sweep}
 
 

@@ -120,23 +120,20 @@ def denoise(chain: GaussianDiffusion, net, x, t, clip: str = "rederive", varianc
               image, x̂_0 ← clip(x̂_0, −s, s) / s, and ε̂ re-derived.
     The DDPM mean is the posterior mean given the handled x̂_0 (µ̃-prediction keeps its own)."""
     output = net(x, t)
-    out = chain.p_mean_variance(net, x, t, variance=variance, clip_denoised=False, output=output)
-    x0, eps = out["pred_x0"], out["pred_eps"]
-    if chain.parameterization == "eps":
-        eps = chain.split_output(output, x)[0]  # the network's ε̂ itself
-    if clip == "none":
-        return {**out, "pred_x0": x0, "pred_eps": eps}
+    out = chain.p_mean_variance(net, x, t, variance=variance, output=output,
+                                clip_denoised=clip in ("rederive", "raw_eps"))
     if clip == "dynamic":
+        x0 = out["pred_x0"]
         s = torch.quantile(x0.flatten(1).abs().float(), DYNAMIC_QUANTILE, dim=1).clamp(min=1.0)
         s = s.to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
         x0 = x0.clamp(-s, s) / s
-    else:
-        x0 = x0.clamp(-1.0, 1.0)
-    if clip != "raw_eps" or chain.parameterization != "eps":
-        eps = chain.predict_eps_from_x0(x, t, x0)
-    mean = out["mean"] if chain.parameterization == "mu" else \
-        chain.q_posterior_mean_variance(x0, x, t)[0]
-    return {**out, "mean": mean, "pred_x0": x0, "pred_eps": eps}
+        mean = out["mean"] if chain.parameterization == "mu" else \
+            chain.q_posterior_mean_variance(x0, x, t)[0]
+        return {**out, "mean": mean, "pred_x0": x0,
+                "pred_eps": chain.predict_eps_from_x0(x, t, x0)}
+    if clip in ("none", "raw_eps") and chain.parameterization == "eps":
+        out["pred_eps"] = chain.split_output(output, x)[0]  # the network's ε̂ itself
+    return out
 
 
 def _noise_like(x, generator):
@@ -192,7 +189,7 @@ def sample(
     abar = chain._on(x.device)["alphas_cumprod"]
     if sampler == "dpm_solver" and final == "sigma_min":  # one more point: t = 0 of training
         abar = torch.cat([diffusion._on(x.device)["alphas_cumprod"][:1], abar])
-    history: list[tuple[torch.Tensor, float]] = []  # DPM-Solver++: earlier (x̂_0, λ)
+    history: list[tuple[torch.Tensor, torch.Tensor]] = []  # DPM-Solver++: earlier (x̂_0, λ)
     for i in indices:
         t = torch.full((n,), i, device=x.device, dtype=torch.long)
         out = denoise(chain, net, x, t, clip=clip, variance=variance)
@@ -210,18 +207,15 @@ def sample(
             if i > 0 and eta > 0:
                 x = x + sigma.to(x.dtype) * _noise_like(x, generator)
         else:
-            use_order = 1 if not history else order
             if final == "zero" and i == 0:
                 x = out["pred_x0"]
                 continue
-            if final == "sigma_min":  # chain index i is abar[i + 1]; the last step lands on t = 0
-                if i == 0 and chain.num_timesteps < 15:
-                    use_order = 1
-                x = dpm_solver_step(x, out["pred_x0"], history, abar, i + 1, use_order, sde,
-                                    generator).to(x.dtype)
-            else:
-                x = dpm_solver_step(x, out["pred_x0"], history, abar, i, use_order, sde,
-                                    generator).to(x.dtype)
+            # with sigma_min, abar has t = 0 of training in front: chain index i is abar[i + 1]
+            start = i + 1 if final == "sigma_min" else i
+            short_final = final == "sigma_min" and i == 0 and chain.num_timesteps < 15
+            use_order = 1 if not history or short_final else order
+            x = dpm_solver_step(x, out["pred_x0"], history, abar, start, use_order, sde,
+                                generator).to(x.dtype)
     return x
 
 

@@ -62,11 +62,10 @@ def eps_stats(net, diffusion, x0, ts=(999, 900, 500, 100, 10, 0)) -> list[dict]:
     return rows
 
 
-def _fid(net, diffusion, data, kw, nfe, n, n_ref) -> float:
+def _fid(net, diffusion, data, kw, nfe, n, ref) -> float:
     from ddpm_lightning.data import to_uint8
-    from ddpm_lightning.fid import compute_fid, reference_stats
+    from ddpm_lightning.fid import compute_fid
 
-    ref = reference_stats(data, split="test", max_images=n_ref)
     images = []
     for k in range(0, n, 250):
         x_T = torch.randn((min(250, n - k), *data.val_set[0].shape),
@@ -111,10 +110,14 @@ def main() -> None:
             print(f"  t={r['t']:4d}  ε̂ mean {r['mean']:+.4f}  std {r['std']:.4f}  "
                   f"RMSE(ε̂−ε) {r['rmse']:.4f}")
         grids = {}
+        if args.fid:
+            from ddpm_lightning.fid import reference_stats
+
+            ref = reference_stats(data, split="test", max_images=args.fid_ref)
         for nfe in args.nfe if args.fid else []:
             for name in args.fid_variants:
                 t0 = time.perf_counter()
-                fid = _fid(net, diffusion, data, VARIANTS[name], nfe, args.fid, args.fid_ref)
+                fid = _fid(net, diffusion, data, VARIANTS[name], nfe, args.fid, ref)
                 row.setdefault("fid", {})[f"{name} @ {nfe}"] = fid
                 print(f"  {nfe:4d} NFE  {name:48s} FID {fid:7.2f} (N={args.fid}, "
                       f"ref {args.fid_ref} test images; {time.perf_counter() - t0:.0f} s)")
