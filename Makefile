@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-all train lint clean
+.PHONY: setup test test-all train lint gpu-check clean
 
 # (Re)install when the venv is missing or pyproject.toml changed.
 $(STAMP): pyproject.toml
@@ -26,6 +26,10 @@ test-all: $(STAMP)
 ## make train: set up, then train the default CPU recipe on the embedded offline data
 train: $(STAMP)
 	$(PY) train.py $(ARGS)
+
+## make gpu-check: the prepared check on one CUDA GPU (<= 5 min); writes gpu_check.json
+gpu-check: $(STAMP)
+	$(PY) tools/gpu_check.py --out gpu_check.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ddpm_lightning tests tools train.py sample.py

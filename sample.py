@@ -59,14 +59,10 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
 
     from ddpm_lightning.checkpoint import load_module
     from ddpm_lightning.generate import bits_per_dim, generate
-    from ddpm_lightning.samplers import sampler_kwargs
 
     module, run_config, ckpt = load_module(cfg.ckpt_path, model_config=cfg.model)
     overrides = validate(cfg, module.diffusion.num_timesteps)
-    settings = {**module.sampler, **overrides}
-    from ddpm_lightning.samplers import check_settings
-
-    check_settings(settings, module.diffusion.num_timesteps, key="sampler")
+    settings = module.sampler.updated(overrides, module.diffusion.num_timesteps, key="sampler")
     if {"fid", "is"} & set(cfg.metrics):
         check_inception(cfg)  # missing or fc-less weights fail before hours of sampling
         if cfg.num_samples < 50_000:
@@ -77,16 +73,18 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
                     strategy="ddp" if cfg.devices > 1 else "auto")
     fabric.launch()
     net = module.ema_model if cfg.use_ema else module.model
-    net = fabric.to_device(net).eval()
+    from ddpm_lightning.inference import prepare
+
+    net = prepare(fabric.to_device(net), channels_last=cfg.channels_last, compile=cfg.compile)
     diffusion = module.diffusion
     shape = (net.in_channels, net.image_size, net.image_size)
     results: dict = {"ckpt_path": str(cfg.ckpt_path), "global_step": ckpt.get("global_step"),
-                     "use_ema": cfg.use_ema, "sampler": settings, "num_samples": cfg.num_samples}
+                     "use_ema": cfg.use_ema, "sampler": settings.config(), "num_samples": cfg.num_samples}
 
     indices, images = generate(net, diffusion, cfg.num_samples, cfg.batch_size, shape,
                                seed=cfg.seed, rank=fabric.global_rank,
                                world_size=fabric.world_size, device=fabric.device,
-                               settings=sampler_kwargs(settings),
+                               settings=settings,
                                progress=cfg.progress and fabric.is_global_zero,
                                autocast=fabric.autocast)
     _, images = gather(fabric, indices, images)

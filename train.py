@@ -80,13 +80,9 @@ def build(cfg: DictConfig):
         extra = {"dirpath": str(run_dir / "checkpoints")} if key == "checkpoint" else {}
         callbacks.append(instantiate(cb_cfg, **extra))
 
-    from ddpm_lightning.callbacks import SampleGrid
-    from ddpm_lightning.samplers import check_settings
-
-    for cb in callbacks:
-        if isinstance(cb, SampleGrid):
-            check_settings({**module.sampler, **cb.sampler}, module.diffusion.num_timesteps,
-                           key="callbacks.sample_grid.sampler")
+    for cb in callbacks:  # a callback that owns settings about the module checks them now
+        if hasattr(cb, "check_module"):
+            cb.check_module(module)
 
     loggers = make_loggers(cfg, hc, run_dir, resuming=resume_ckpt is not None)
 

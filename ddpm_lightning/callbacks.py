@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import lightning as L
 import numpy as np
-import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from .samplers import sample, sampler_kwargs
+from .generate import generate
+from .samplers import SamplerSettings
 
 
 def _log_image(trainer: L.Trainer, key: str, path: Path, step: int) -> None:
@@ -48,49 +49,79 @@ class EveryNSteps(L.Callback):
             self.run(trainer, pl_module)
 
 
-class SampleGrid(EveryNSteps):
-    """Every ``every_n_steps`` optimizer steps (and at the end of training), sample a grid from
-    one fixed x_T with the EMA weights, on rank zero, save it as
+class SamplingCallback(EveryNSteps):
+    """A periodic callback that samples with the module's ``sampler`` settings plus its own
+    ``sampler`` overrides (config form), checked against the module by ``check_module``, which
+    train.py calls before any work and ``setup`` calls again for a Trainer built by hand."""
+
+    sampler_key = "sampler"
+
+    def __init__(self, every_n_steps: int, on_train_end: bool, key: str,
+                 sampler: Mapping | None = None):
+        super().__init__(every_n_steps, on_train_end, key=key)
+        self.sampler = dict(sampler or {})
+        self.settings: SamplerSettings | None = None
+
+    def check_module(self, pl_module) -> None:
+        self.settings = pl_module.sampler.updated(self.sampler, pl_module.diffusion.num_timesteps,
+                                                  key=self.sampler_key)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            self.check_module(pl_module)
+
+    def generate(self, pl_module, num: int, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1):
+        """(indices, uint8 images) of rank ``rank``'s share of ``num`` samples, with the EMA
+        weights in eval mode. Sample i comes from the x_T of ``generate``'s (seed, batch) rule,
+        the one sample.py uses: the same noise in every run, on any number of ranks."""
+        if self.settings is None:
+            self.check_module(pl_module)
+        net = pl_module.eval_model
+        was_training = net.training
+        net.eval()
+        model = pl_module.model
+        shape = (model.in_channels, model.image_size, model.image_size)
+        try:
+            return generate(net, pl_module.diffusion, num, batch_size, shape, seed=seed,
+                            rank=rank, world_size=world_size, device=pl_module.device,
+                            settings=self.settings)
+        finally:
+            net.train(was_training)
+
+
+class SampleGrid(SamplingCallback):
+    """Every ``every_n_steps`` optimizer steps (and at the end of training), sample a grid with
+    the EMA weights, on rank zero, from the same x_T in every run (``seed``), save it as
     ``<run dir>/samples/step_XXXXXXX.png`` and log it as ``samples``.
 
-    ``sampler`` holds ``samplers.sample`` keyword arguments (sampler, steps, eta, variance).
+    ``sampler`` holds overrides of ``module.sampler`` (config form: name, steps, eta, …).
     """
+
+    sampler_key = "callbacks.sample_grid.sampler"
 
     def __init__(self, every_n_steps: int = 1000, num_images: int = 64, seed: int = 0,
                  sampler: dict | None = None, on_train_end: bool = True):
-        super().__init__(every_n_steps, on_train_end, key="callbacks.sample_grid.every_n_steps")
+        super().__init__(every_n_steps, on_train_end, key="callbacks.sample_grid.every_n_steps",
+                         sampler=sampler)
         if num_images < 1:
             raise ValueError(f"callbacks.sample_grid.num_images={num_images} must be >= 1")
         self.num_images = num_images
         self.seed = seed
-        self.sampler = dict(sampler or {})
         self.last_path: Path | None = None
-
-    def _noise(self, pl_module) -> torch.Tensor:
-        model = pl_module.model
-        shape = (self.num_images, model.in_channels, model.image_size, model.image_size)
-        g = torch.Generator().manual_seed(self.seed)
-        return torch.randn(shape, generator=g)
 
     @rank_zero_only
     def make_grid(self, trainer: L.Trainer, pl_module) -> Path:
         from torchvision.utils import save_image
 
         step = trainer.global_step
-        net = pl_module.eval_model
-        was_training = net.training
-        net.eval()
-        settings = sampler_kwargs({**pl_module.sampler, **self.sampler})
-        # Its own generator: grids are reproducible and leave the training RNG untouched.
-        gen = torch.Generator(device=pl_module.device).manual_seed(self.seed + 1)
-        x = sample(net, pl_module.diffusion, None, noise=self._noise(pl_module).to(pl_module.device),
-                   generator=gen, **settings)
-        net.train(was_training)
+        # generate's own generators: grids are reproducible and leave the training RNG alone
+        _, images = self.generate(pl_module, self.num_images, self.num_images, self.seed)
         out_dir = Path(trainer.default_root_dir) / "samples"
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"step_{step:07d}.png"
         tmp = path.with_suffix(".tmp.png")
-        save_image((x.float() + 1) / 2, tmp, nrow=int(math.ceil(math.sqrt(self.num_images))))
+        save_image(images.float() / 255, tmp, nrow=int(math.ceil(math.sqrt(self.num_images))))
         tmp.replace(path)
         _log_image(trainer, "samples", path, step)
         self._last_step = step

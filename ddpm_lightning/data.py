@@ -59,7 +59,8 @@ def seed_worker(worker_id: int) -> None:
 
 class DiffusionDataModule(LightningDataModule):
     """Images for DDPM: one of ``embedded`` (default, offline), ``mnist``,
-    ``fashion_mnist``, ``cifar10`` or ``folder``.
+    ``fashion_mnist``, ``cifar10``, ``folder`` or ``synthetic`` (CIFAR-10-shaped random
+    pixels, 50k/10k, for throughput checks; converted to ``channels``/``image_size``).
 
     Args:
         dataset: dataset name (see above).
@@ -82,6 +83,10 @@ class DiffusionDataModule(LightningDataModule):
         download: let torchvision download ``mnist``/``fashion_mnist``/``cifar10``
             into ``root``; when false nothing is ever downloaded.
         convert_channels: allow grey->RGB (repeat) or RGB->grey (luma) for fixed datasets.
+        on_device: hold the training set on the training device and take batches by index
+            (``DeviceLoader``: no workers, no copies; the same batches as the DataLoader).
+            "auto": on a CUDA device for the in-memory datasets (all but ``folder``); true:
+            always (in-memory datasets only); false: never.
     """
 
     def __init__(
@@ -97,6 +102,7 @@ class DiffusionDataModule(LightningDataModule):
         val_fraction: float = 0.1,
         download: bool = False,
         convert_channels: bool = False,
+        on_device: bool | str = "auto",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -111,6 +117,7 @@ class DiffusionDataModule(LightningDataModule):
         self.val_fraction = val_fraction
         self.download = download
         self.convert_channels = convert_channels
+        self.on_device = on_device
         self._check_config()
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -123,7 +130,7 @@ class DiffusionDataModule(LightningDataModule):
             raise ValueError(
                 f"data.dataset={name!r} is unknown; choose one of {', '.join(ds.DATASETS)}"
             )
-        if self.root is None and name != "embedded":
+        if self.root is None and name not in ds.NO_ROOT:
             raise ValueError(f"data.root=None: dataset {name!r} needs data.root set to its folder")
         if channels not in (1, 3):
             raise ValueError(f"data.channels={channels!r} is unsupported; use 1 (grey) or 3 (RGB)")
@@ -139,6 +146,12 @@ class DiffusionDataModule(LightningDataModule):
                 raise ValueError(f"data.{key}={value!r} must be a positive integer")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"data.num_workers={self.num_workers!r} must be an integer >= 0")
+        if self.on_device not in (True, False, "auto"):
+            raise ValueError(f"data.on_device={self.on_device!r} is invalid; use auto, true or "
+                             "false")
+        if self.on_device is True and self.dataset == "folder":
+            raise ValueError("data.on_device=true needs an in-memory dataset; data.dataset="
+                             "'folder' reads its files in the loader (use on_device=false)")
         if not isinstance(self.val_fraction, (int, float)) or not 0 <= self.val_fraction < 1:
             raise ValueError(f"data.val_fraction={self.val_fraction!r} must be in [0, 1)")
 
@@ -156,6 +169,8 @@ class DiffusionDataModule(LightningDataModule):
             ds.list_image_files(self.root)
         elif self.dataset == "embedded":
             ds.embedded_csv_path()
+        elif self.dataset == "synthetic":
+            return
         elif self.download:
             return  # prepare_data fetches what is missing
         elif self.dataset == "cifar10":
@@ -257,7 +272,14 @@ class DiffusionDataModule(LightningDataModule):
         world = self._world_size()
         rank = self.trainer.global_rank if self.trainer is not None else 0
         sampler = EpochRandomSampler(dataset, self.seed, num_replicas=world, rank=rank)
-        self._train_loader = ResumableDataLoader(dataset, sampler=sampler, **kwargs)
+        device = self.trainer.strategy.root_device if self.trainer is not None else None
+        if self.on_device is True or (self.on_device == "auto" and device is not None
+                                      and device.type == "cuda"
+                                      and isinstance(dataset, ds.TensorImageDataset)):
+            self._train_loader = DeviceLoader(dataset.images, sampler, self.batch_size,
+                                              device or "cpu")
+        else:
+            self._train_loader = ResumableDataLoader(dataset, sampler=sampler, **kwargs)
         if self.trainer is not None:
             self._train_loader.epoch_batches = lambda: self.trainer.num_training_batches
         return self._train_loader
@@ -291,8 +313,8 @@ class EpochRandomSampler(DistributedSampler):
         return iter(self.order()[self.start:])
 
 
-class ResumableDataLoader(DataLoader):
-    """The training loader, with its position in the epoch saved in checkpoints.
+class _EpochPosition:
+    """The position of a training loader in its epoch, saved in checkpoints.
 
     Lightning saves ``state_dict()`` with every checkpoint and passes it back to
     ``load_state_dict`` on resume. The position is the number of batches that reached
@@ -304,10 +326,15 @@ class ResumableDataLoader(DataLoader):
     stopped, with workers or without, under DDP too (every rank skips its own share).
 
     The epoch is set here, at load time, because Lightning creates the first iterator (and
-    its workers prefetch) before it calls ``set_epoch`` for the resumed epoch."""
+    its workers prefetch) before it calls ``set_epoch`` for the resumed epoch.
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    Users set ``sampler`` (an ``EpochRandomSampler``) and ``batch_size``, call
+    ``_init_position()``, and call ``_start_epoch()`` when an iterator starts."""
+
+    sampler: EpochRandomSampler
+    batch_size: int
+
+    def _init_position(self) -> None:
         self.consumed = 0
         self.epoch_batches = None  # set by the datamodule: the Trainer's batches per epoch
         self._start: int | None = None
@@ -335,8 +362,46 @@ class ResumableDataLoader(DataLoader):
         self.sampler.set_epoch(epoch)
         self._start = consumed
 
-    def __iter__(self):
+    def _start_epoch(self) -> None:
         start, self._start = self._start or 0, None
         self.consumed = start
         self.sampler.start = start * self.batch_size
+
+
+class ResumableDataLoader(_EpochPosition, DataLoader):
+    """The training DataLoader, with its position in the epoch saved in checkpoints (see
+    ``_EpochPosition``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_position()
+
+    def __iter__(self):
+        self._start_epoch()
         return super().__iter__()
+
+
+class DeviceLoader(_EpochPosition):
+    """The training set held on the device as one uint8 tensor, batches taken by index.
+
+    The batches are those of ``ResumableDataLoader`` with the same sampler (the same
+    per-epoch permutation from the seed, the same share per rank, the last incomplete batch
+    dropped), and so is the saved position; there are no workers and no host-to-device copies.
+    Lightning calls ``sampler.set_epoch`` each epoch, as for a DataLoader."""
+
+    def __init__(self, images: Tensor, sampler: EpochRandomSampler, batch_size: int, device):
+        self.images = images.to(device)
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self._init_position()
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self):
+        self._start_epoch()
+        order = self.sampler.order()
+        index = torch.tensor(order, dtype=torch.long).to(self.images.device)
+        for k in range(self.consumed, len(self)):
+            yield self.images.index_select(0, index[k * self.batch_size:(k + 1) * self.batch_size])
+

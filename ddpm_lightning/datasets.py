@@ -37,7 +37,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-FIXED_DATASETS = ("embedded", "mnist", "fashion_mnist", "cifar10")
+FIXED_DATASETS = ("embedded", "mnist", "fashion_mnist", "cifar10", "synthetic")
+NO_ROOT = ("embedded", "synthetic")  # datasets that need no data.root
 DATASETS = (*FIXED_DATASETS, "folder")
 NATIVE_CHANNELS = {"embedded": 1, "mnist": 1, "fashion_mnist": 1, "cifar10": 3}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -331,10 +332,20 @@ def match_channels(images: Tensor, channels: int) -> Tensor:
     raise ValueError(f"cannot convert {have} channels to {channels}")
 
 
+def load_synthetic(train: bool) -> Tensor:
+    """CIFAR-10-shaped random images for throughput checks with no download: uint8
+    ``[50000 | 10000, 3, 32, 32]``, fixed by ``train``."""
+    g = torch.Generator().manual_seed(0 if train else 1)
+    return torch.randint(0, 256, (50_000 if train else 10_000, 3, 32, 32), generator=g,
+                         dtype=torch.uint8)
+
+
 def load_fixed(name: str, root: str | None, train: bool | None) -> Tensor:
     """Raw images of a fixed dataset, native size and channels (``embedded`` ignores ``train``)."""
     if name == "embedded":
         return load_embedded()
+    if name == "synthetic":
+        return load_synthetic(train)
     if name == "cifar10":
         return load_cifar10(root, train)
     return load_mnist_like(name, root, train)

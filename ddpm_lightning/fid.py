@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .callbacks import EveryNSteps
+from .callbacks import SamplingCallback
 from .inception import default_weights_path, load_extractor
 
 FEATURE_DIM = 2048
@@ -429,12 +429,13 @@ def reference_stats(source, split: str = "train", max_images: int | None = None,
 # --------------------------------------------------------------------------- the callback
 
 
-class FIDCallback(EveryNSteps):
+class FIDCallback(SamplingCallback):
     """FID of EMA samples against the training set, every ``every_n_steps`` optimizer steps
     (and at the end of training), logged as ``val/fid`` (and ``val/fid_seconds``).
 
-    Every rank samples its share of ``num_samples`` (distinct seeds per rank; the same seeds
-    at every evaluation, so successive FIDs differ by the model only) with
+    Every rank samples its share of ``num_samples`` (batch k from the generator seeded by
+    (seed, k), as in sample.py: the same x_T at every evaluation and in every job of a sweep,
+    so FIDs differ by the model only, and equal sample.py's for the same settings) with
     ``pl_module.eval_model`` and computes its Inception feature moments; the moments are
     all-gathered and merged, rank 0 computes the FID and broadcasts it, so every rank holds
     the value (``trainer.callback_metrics["val/fid"]``, e.g. for a checkpoint monitor).
@@ -456,14 +457,15 @@ class FIDCallback(EveryNSteps):
         inception_batch_size: images per Inception forward pass.
     """
 
+    sampler_key = "callbacks.fid.sampler"
+
     def __init__(self, every_n_steps: int = 10_000, num_samples: int = 10_000,
                  batch_size: int = 256, sampler: Mapping | None = None,
                  reference: Mapping | None = None, weights_path: str | None = None,
                  download: bool = False, on_train_end: bool = True, seed: int = 0,
                  inception_batch_size: int = 64):
-        from .samplers import sampler_kwargs
-
-        super().__init__(every_n_steps, on_train_end, key="callbacks.fid.every_n_steps")
+        super().__init__(every_n_steps, on_train_end, key="callbacks.fid.every_n_steps",
+                         sampler=sampler)
         for key, value in (("num_samples", num_samples), ("batch_size", batch_size),
                            ("inception_batch_size", inception_batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -478,8 +480,6 @@ class FIDCallback(EveryNSteps):
         self.reference.setdefault("split", "train")
         self.num_samples = num_samples
         self.batch_size = batch_size
-        self.sampler = dict(sampler or {})
-        sampler_kwargs(self.sampler)  # unknown keys fail now
         self.weights_path = weights_path
         self.download = download
         self.seed = seed
@@ -492,12 +492,10 @@ class FIDCallback(EveryNSteps):
     def setup(self, trainer, pl_module, stage: str) -> None:
         """Fail before training on bad settings or missing weights/reference."""
         from .data import DiffusionDataModule
-        from .samplers import check_settings
 
         if stage != "fit":
             return
-        check_settings({**pl_module.sampler, **self.sampler},
-                       pl_module.diffusion.num_timesteps, key="callbacks.fid.sampler")
+        self.check_module(pl_module)
         resolve_weights(self.weights_path, self.download)
         path = self.reference.get("path")
         if path:
@@ -536,36 +534,15 @@ class FIDCallback(EveryNSteps):
         return fid
 
     def _sample_moments(self, trainer, pl_module) -> FeatureMoments:
-        from .data import to_uint8
-        from .samplers import sample, sampler_kwargs
-
-        rank, world = trainer.global_rank, trainer.world_size
-        share = self.num_samples // world + (1 if rank < self.num_samples % world else 0)
-        device = pl_module.device
-        shape = self._image_shape(trainer, pl_module)
-        settings = sampler_kwargs({**pl_module.sampler, **self.sampler})
-        gen = torch.Generator(device=device).manual_seed(self.seed + 1_000_003 * rank)
-        net = pl_module.eval_model
-        was_training = net.training
-        net.eval()
-        moments = FeatureMoments(device=device)
-        try:
-            for i in range(0, share, self.batch_size):
-                n = min(self.batch_size, share - i)
-                x = sample(net, pl_module.diffusion, (n, *shape), generator=gen, device=device,
-                           **settings)
-                moments.add(inception_features(to_uint8(x), self.inception_batch_size, device,
-                                               self.weights_path, self.download))
-        finally:
-            net.train(was_training)
+        """Moments of this rank's share of the samples: sample.py's samples for the same
+        seed, batch size and sampler, so the two FIDs agree."""
+        _, images = self.generate(pl_module, self.num_samples, self.batch_size, self.seed,
+                                  trainer.global_rank, trainer.world_size)
+        moments = FeatureMoments(device=pl_module.device)
+        if images.shape[0]:
+            moments.add(inception_features(images, self.inception_batch_size, pl_module.device,
+                                           self.weights_path, self.download))
         return moments
-
-    @staticmethod
-    def _image_shape(trainer, pl_module) -> tuple[int, int, int]:
-        model, dm = pl_module.model, trainer.datamodule
-        channels = getattr(model, "in_channels", None) or dm.channels
-        size = getattr(model, "image_size", None) or dm.image_size
-        return channels, size, size
 
     def _reference_stats(self, trainer, pl_module):
         """(µ, Σ) of the reference on rank 0 (None elsewhere). A cache miss is computed by all

@@ -14,9 +14,9 @@ import torch
 
 from .data import to_model_range, to_uint8
 from .diffusion import GaussianDiffusion
-from .samplers import sample
+from .samplers import SamplerSettings
 
-SEED_STRIDE = 1_000_003
+SEED_STRIDE = 1_000_003  # seeds s·STRIDE + k: distinct for distinct (s, k) while k < STRIDE
 
 
 def batch_plan(num: int, batch_size: int, rank: int = 0, world_size: int = 1):
@@ -33,9 +33,9 @@ def batch_plan(num: int, batch_size: int, rank: int = 0, world_size: int = 1):
 @torch.no_grad()
 def generate(net, diffusion: GaussianDiffusion, num: int, batch_size: int, image_shape,
              seed: int = 0, rank: int = 0, world_size: int = 1, device="cpu",
-             settings: dict | None = None, progress: bool = False, autocast=None):
+             settings: SamplerSettings | None = None, progress: bool = False, autocast=None):
     """This rank's share of ``num`` samples: (indices [n], uint8 images [n, C, H, W])."""
-    settings = dict(settings or {})
+    settings = settings or SamplerSettings()
     plan = batch_plan(num, batch_size, rank, world_size)
     indices, images = [], []
     bar = None
@@ -47,8 +47,8 @@ def generate(net, diffusion: GaussianDiffusion, num: int, batch_size: int, image
         gen = torch.Generator(device=device).manual_seed(seed * SEED_STRIDE + k)
         ctx = autocast() if autocast is not None else contextlib.nullcontext()
         with ctx:
-            x = sample(net, diffusion, (count, *image_shape), generator=gen, device=device,
-                       **settings)
+            x = settings.sample(net, diffusion, (count, *image_shape), generator=gen,
+                                device=device)
         images.append(to_uint8(x.float()).cpu())
         indices.append(torch.arange(start, start + count))
         if bar is not None:

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from .diffusion import GaussianDiffusion
-from .samplers import check_settings
+from .generate import SEED_STRIDE
+from .samplers import SamplerSettings
 from .timesteps import make_timestep_sampler
 
 # The EMA copy is in eval mode on purpose; Lightning warns about any module in eval mode.
@@ -114,13 +115,13 @@ class DDPM(L.LightningModule):
             objective=objective,
             hybrid_lambda=hybrid_lambda,
         )
-        self.sampler = dict(self.hparams.sampler)
+        self.sampler = SamplerSettings.parse(self.hparams.sampler, self.diffusion.num_timesteps,
+                                             key="module.sampler")
         self.timesteps = make_timestep_sampler(self.diffusion.num_timesteps,
                                                **self.hparams.timesteps)
-        check_settings(self.sampler, self.diffusion.num_timesteps, key="module.sampler")
-        if self.diffusion.learned_variance and self.sampler.get("variance") is not None:
+        if self.diffusion.learned_variance and self.sampler.variance is not None:
             raise ValueError(
-                f"module.sampler.variance={self.sampler['variance']!r} cannot be used with "
+                f"module.sampler.variance={self.sampler.variance!r} cannot be used with "
                 f"module.variance={variance!r}: the network predicts Σ; set it to null"
             )
         self._last_batch_end: float | None = None
@@ -387,7 +388,7 @@ def _fold_rank_into_rng(rank: int) -> None:
     import numpy as np
 
     base = int(torch.randint(0, 2**62, (1,)).item())
-    seed = (base + 1_000_003 * rank) % 2**63
+    seed = (base + SEED_STRIDE * rank) % 2**63
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)

@@ -11,6 +11,9 @@ done with them (see ``denoise``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
 import numpy as np
 import torch
 
@@ -257,46 +260,76 @@ def dpm_solver_step(x, x0, history, abar, i: int, order: int, sde: bool, generat
         * _noise_like(x, generator)
 
 
-def sampler_kwargs(settings) -> dict:
-    """Config form ``{name, steps, eta, …}`` → keyword arguments of ``sample``."""
-    settings = dict(settings or {})
-    unknown = set(settings) - set(SETTINGS)
-    if unknown:
-        raise ValueError(f"sampler.{sorted(unknown)[0]} is not a sampler setting; valid: "
-                         + ", ".join(SETTINGS))
-    if "name" in settings:
-        settings["sampler"] = settings.pop("name")
-    return settings
+@dataclass(frozen=True)
+class SamplerSettings:
+    """Sampler settings, checked once, where they are made (``parse``); every user (the module's
+    grids, the callbacks, sample.py, the NFE study) samples through ``sample`` below.
 
+    The config form is ``{name, steps, eta, spacing, variance, clip, order, sde, final}``;
+    a missing or null entry takes the default. See ``sample`` for their meaning."""
 
-def check_settings(settings, T: int, key: str = "sampler") -> dict:
-    """Validate config-form sampler settings against a chain of T steps, before any work."""
-    kwargs = sampler_kwargs(settings)
-    name = kwargs.get("sampler", "ddpm")
-    if name not in SAMPLERS:
-        raise ValueError(f"{key}.name={name!r} is unknown; valid values: {', '.join(SAMPLERS)}")
-    steps = kwargs.get("steps")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
-                              or not 1 <= steps <= T):
-        raise ValueError(f"{key}.steps={steps!r} is invalid; it must be an integer in [1, T={T}]")
-    eta = kwargs.get("eta", 0.0)
-    if not (isinstance(eta, (int, float)) and np.isfinite(eta) and eta >= 0):
-        raise ValueError(f"{key}.eta={eta!r} is invalid; it must be a finite number >= 0")
-    choices = {"spacing": SPACINGS, "clip": CLIPS, "order": (1, 2), "sde": (False, True),
-               "final": FINALS}
-    for setting, valid in choices.items():
-        value = kwargs.get(setting)
-        if value is not None and (value not in valid or type(value) is not type(valid[0])):
-            raise ValueError(f"{key}.{setting}={value!r} is unknown; valid values: "
-                             + ", ".join(str(v) for v in valid))
-    variance = kwargs.get("variance")
-    if variance not in (None, "small", "large", "fixed_small", "fixed_large"):
-        raise ValueError(f"{key}.variance={variance!r} is unknown; valid values: null, large, small")
-    if name == "dpm_solver" and (variance is not None or eta):
-        what = "variance" if variance is not None else "eta"
-        raise ValueError(f"{key}.{what}={kwargs[what]!r} does not apply to {key}.name="
-                         "'dpm_solver' (its steps have no free variance); set it to null")
-    return kwargs
+    name: str = "ddpm"
+    steps: int | None = None
+    eta: float = 0.0
+    spacing: str = DEFAULT_SPACING
+    variance: str | None = None
+    clip: str = "rederive"
+    order: int = 2
+    sde: bool = False
+    final: str = "zero"
+
+    @classmethod
+    def parse(cls, settings: Mapping | None, T: int, key: str = "sampler") -> SamplerSettings:
+        """Settings for a chain of T steps; a one-line ``ValueError`` naming ``key.<setting>``
+        and its value for anything unusable."""
+        given = {k: v for k, v in dict(settings or {}).items() if v is not None}
+        unknown = set(given) - set(SETTINGS)
+        if unknown:
+            raise ValueError(f"{key}.{sorted(unknown)[0]} is not a sampler setting; valid: "
+                             + ", ".join(SETTINGS))
+        out = cls(**given)
+        if out.name not in SAMPLERS:
+            raise ValueError(f"{key}.name={out.name!r} is unknown; valid values: "
+                             + ", ".join(SAMPLERS))
+        steps = out.steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
+                                  or not 1 <= steps <= T):
+            raise ValueError(f"{key}.steps={steps!r} is invalid; it must be an integer in "
+                             f"[1, T={T}]")
+        eta = out.eta
+        if isinstance(eta, bool) or not (isinstance(eta, (int, float)) and np.isfinite(eta)
+                                         and eta >= 0):
+            raise ValueError(f"{key}.eta={eta!r} is invalid; it must be a finite number >= 0")
+        choices = {"spacing": SPACINGS, "clip": CLIPS, "order": (1, 2), "sde": (False, True),
+                   "final": FINALS}
+        for setting, valid in choices.items():
+            value = getattr(out, setting)
+            if value not in valid or type(value) is not type(valid[0]):
+                raise ValueError(f"{key}.{setting}={value!r} is unknown; valid values: "
+                                 + ", ".join(str(v) for v in valid))
+        if out.variance not in (None, "small", "large", "fixed_small", "fixed_large"):
+            raise ValueError(f"{key}.variance={out.variance!r} is unknown; valid values: "
+                             "null, large, small")
+        if out.name == "dpm_solver" and (out.variance is not None or out.eta):
+            what = "variance" if out.variance is not None else "eta"
+            raise ValueError(f"{key}.{what}={getattr(out, what)!r} does not apply to {key}.name="
+                             "'dpm_solver' (its steps have no free variance); set it to null")
+        return out
+
+    def updated(self, overrides: Mapping | None, T: int, key: str = "sampler") -> SamplerSettings:
+        """These settings with ``overrides`` (config form) on top, checked as ``key``."""
+        given = {k: v for k, v in dict(overrides or {}).items() if v is not None}
+        return SamplerSettings.parse({**self.config(), **given}, T, key)
+
+    def config(self) -> dict:
+        """The config form, every setting spelled out (what checkpoints and logs record)."""
+        return asdict(self)
+
+    def sample(self, model: Model, diffusion: GaussianDiffusion, shape, **kwargs) -> torch.Tensor:
+        """``sample`` with these settings (``noise``, ``generator``, ``device``, ``progress``)."""
+        settings = self.config()
+        return sample(model, diffusion, shape, sampler=settings.pop("name"), **settings,
+                      **kwargs)
 
 
 def _params(model):

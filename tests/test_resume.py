@@ -111,3 +111,17 @@ def test_resume_refuses_another_batch_size_mid_epoch(tmp_path):
                       "trainer.max_steps=6", "resume=auto")
     assert proc.returncode != 0
     assert "batch_size=8, this run has batch_size=4" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_device_data_gives_the_dataloader_batches_and_resumes(tmp_path):
+    """data.on_device=true (the GPU path, here on the CPU) against the DataLoader: the same
+    losses bit for bit, also when stopped mid-epoch (4-batch epochs, stop at 6) and resumed."""
+    args = [*BASE, "data.random_flip=true", "trainer.limit_train_batches=4"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    _ok(run_script("train.py", *args, "data.on_device=false", f"hydra.run.dir={full}",
+                   "trainer.max_steps=10"))
+    device = [*args, "data.on_device=true"]
+    _ok(run_script("train.py", *device, f"hydra.run.dir={part}", "trainer.max_steps=6"))
+    _ok(run_script("train.py", *device, f"hydra.run.dir={tmp_path / 'unused'}",
+                   "trainer.max_steps=10", f"resume={part / 'checkpoints' / 'last.ckpt'}"))
+    _assert_bit_equal(_losses(full), _losses(part), 10)

@@ -11,16 +11,12 @@ import torch
 
 from ddpm_lightning.checkpoint import CheckpointError, load_module, read_checkpoint
 
-from helpers import TINY, run_script
+from helpers import run_script
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("train") / "run"
-    proc = run_script("train.py", *TINY, f"hydra.run.dir={run}", "trainer.max_steps=3",
-                      "module.ema_decay=0.5")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run / "checkpoints" / "last.ckpt"
+@pytest.fixture
+def ckpt(tiny_ckpt) -> Path:
+    return tiny_ckpt
 
 
 def _sample(ckpt, out, *args, **kw):
@@ -80,6 +76,7 @@ def test_nll_reports_the_parts_of_the_bound(ckpt, tmp_path):
     (["sampler.steps=51"], r"sampler.steps=51 is invalid; it must be an integer in [1, T=50]"),
     (["sampler.eta=-1"], "sampler.eta=-1 is invalid"),
     (["metrics=[fid,bogus]"], "metrics=['fid', 'bogus'] has unknown 'bogus'"),
+    (["compile=maybe"], "compile='maybe' is invalid; it must be true or false"),
 ])
 def test_bad_requests_fail_before_any_work(ckpt, tmp_path, args, message):
     out = tmp_path / "bad"
@@ -135,3 +132,28 @@ def test_offline_fid_and_is_refusal(ckpt, tmp_path, torch_home):
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert "Inception Score needs the 1008-class fc layer" in last and not out.exists()
+
+
+def test_fid_in_training_equals_sample_py_fid(tmp_path, torch_home):
+    """callbacks=fid and sample.py draw the same samples for the same seed, batch size and
+    sampler (one sampling loop, one seed rule), so they report the same FID."""
+    from helpers import TINY, read_metrics, series
+
+    env = {"TORCH_HOME": str(torch_home), "DDPM_FID_CACHE": str(tmp_path / "stats")}
+    run = tmp_path / "run"
+    proc = run_script("train.py", *TINY, f"hydra.run.dir={run}", "trainer.max_steps=3",
+                      "callbacks=fid", "callbacks.fid.every_n_steps=3",
+                      "callbacks.fid.num_samples=6", "callbacks.fid.batch_size=4",
+                      "callbacks.fid.reference.max_images=16",
+                      "++callbacks.fid.sampler.steps=10", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (step, in_training), = series(read_metrics(run), "val/fid")
+    assert step == 3
+    out = tmp_path / "s"
+    proc = _sample(run / "checkpoints" / "last.ckpt", out, "num_samples=6", "batch_size=4",
+                   "sampler.name=dpm_solver", "sampler.sde=true", "sampler.steps=10",
+                   "metrics=[fid]", "fid.reference_max_images=16", "channels_last=false",
+                   env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    value = json.loads((out / "metrics.json").read_text())["fid"]["value"]
+    assert value == pytest.approx(in_training, rel=1e-5)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ddpm_lightning.diffusion import GaussianDiffusion
-from ddpm_lightning.samplers import check_settings, respace, sample, timestep_subsequence
+from ddpm_lightning.samplers import SamplerSettings, respace, sample, timestep_subsequence
 from ddpm_lightning.schedules import make_beta_schedule
 
 S = 0.5  # data x0 ~ N(0, S²)
@@ -148,10 +148,36 @@ def test_same_generator_same_samples(diffusion):
     ({"name": "dpm_solver", "variance": "small"}, r"sampler.variance='small' does not apply"),
     ({"variance": "medium"}, r"sampler.variance='medium'"),
     ({"bogus": 1}, r"sampler.bogus is not a sampler setting"),
+    ({"eta": True}, r"sampler.eta=True is invalid"),
 ])
 def test_bad_sampler_settings(settings, match):
     with pytest.raises(ValueError, match=match):
-        check_settings(settings, 1000)
+        SamplerSettings.parse(settings, 1000)
+
+
+def test_sampler_settings_overrides_and_defaults():
+    base = SamplerSettings.parse({"name": "ddpm", "variance": "small", "steps": None}, 1000,
+                                 key="module.sampler")
+    assert base == SamplerSettings(variance="small")  # null = the default
+    # a null override keeps the base's value; the merged settings are checked as a whole
+    grid = base.updated({"steps": 20, "variance": None}, 1000)
+    assert grid.steps == 20 and grid.variance == "small"
+    with pytest.raises(ValueError, match=r"^callbacks.fid.sampler.variance='small' does not"):
+        base.updated({"name": "dpm_solver"}, 1000, key="callbacks.fid.sampler")
+    with pytest.raises(ValueError, match=r"callbacks.x.sampler.steps=51 is invalid.*T=50"):
+        base.updated({"steps": 51}, 50, key="callbacks.x.sampler")
+    assert SamplerSettings.parse(grid.config(), 1000) == grid  # the config form round-trips
+
+
+def test_sampler_settings_sample_is_sample():
+    d = GaussianDiffusion(make_beta_schedule("linear", 50))
+    net = lambda x, t: 0.1 * x  # noqa: E731
+    settings = SamplerSettings.parse({"name": "ddim", "steps": 5, "eta": 0.5}, 50)
+    x_T = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    a = settings.sample(net, d, None, noise=x_T, generator=torch.Generator().manual_seed(1))
+    b = sample(net, d, None, sampler="ddim", steps=5, eta=0.5, noise=x_T,
+               generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
 
 
 def _gaussian_flow(diffusion, seq, x_T):

@@ -1,0 +1,50 @@
+"""The network prepared for sampling: channels-last, optional bf16 autocast and torch.compile.
+
+Samplers only call ``net(x, t)``; this wrapper changes how that call runs, never what the
+sampler does with its output, which is returned in float32 so that every update of the chain
+stays in full precision.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class InferenceNet(torch.nn.Module):
+    """``net`` for sampling.
+
+    channels_last  the weights and inputs in NHWC (faster convolutions on CPU and GPU; the
+                   output changes by round-off only).
+    bf16           the network's forward under bf16 autocast (on CPUs with AMX and on GPUs);
+                   the output is cast back to float32.
+    compile        ``torch.compile`` of the network's forward (one compilation per batch shape).
+    """
+
+    def __init__(self, net: torch.nn.Module, channels_last: bool = True, bf16: bool = False,
+                 compile: bool = False):
+        super().__init__()
+        self.net = net.to(memory_format=torch.channels_last) if channels_last else net
+        self.channels_last, self.bf16, self.compiled = channels_last, bf16, compile
+        self._forward = torch.compile(self.net, dynamic=False) if compile else self.net
+        for name in ("in_channels", "image_size", "out_channels"):
+            if hasattr(net, name):
+                setattr(self, name, getattr(net, name))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self._forward(x, t)
+        return out.float().contiguous()
+
+
+def prepare(net: torch.nn.Module, channels_last: bool = True, bf16: bool = False,
+            compile: bool = False) -> torch.nn.Module:
+    """``net`` in eval mode, wrapped for sampling (see ``InferenceNet``)."""
+    for key, value in (("channels_last", channels_last), ("bf16", bf16), ("compile", compile)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}={value!r} is invalid; it must be true or false")
+    net = net.eval()
+    if not (channels_last or bf16 or compile):
+        return net
+    return InferenceNet(net, channels_last, bf16, compile).eval()

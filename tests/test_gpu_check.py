@@ -1,0 +1,65 @@
+"""tools/gpu_check.py (make gpu-check): its no-GPU message, and its parts run on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT
+
+sys.path.insert(0, str(ROOT / "tools"))
+import gpu_check  # noqa: E402
+
+
+def test_without_a_gpu_it_stops_with_one_line(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--out",
+                           str(out)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "make gpu-check needs a CUDA GPU" in lines[0], proc.stderr
+    assert not out.exists()
+
+
+def test_sampling_part_on_the_cpu(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--quick", "--device", "cpu", "--out", str(out),
+                           "--parts", "sampling"]) == 0
+    part = json.loads(out.read_text())["parts"]["sampling"]
+    for label in ("dpm_solver_sde_50", "ddpm_1000"):
+        assert part[label]["images_per_s"] > 0
+    # 10 steps against the full chain of 20: the fast sampler is faster
+    assert part["dpm_solver_sde_50"]["images_per_s"] > part["ddpm_1000"]["images_per_s"]
+
+
+def test_a_failing_part_is_recorded_and_the_others_run(tmp_path, monkeypatch):
+    def broken(args, device):
+        raise RuntimeError("no luck")
+
+    monkeypatch.setitem(gpu_check.PARTS, "bench", broken)
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--quick", "--device", "cpu", "--out", str(out),
+                           "--parts", "bench", "sampling"]) == 1
+    parts = json.loads(out.read_text())["parts"]
+    assert parts["bench"]["error"] == "RuntimeError: no luck"
+    assert parts["sampling"]["ddpm_1000"]["images_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_every_part_on_the_cpu(tmp_path, weights, monkeypatch):
+    home = tmp_path / "torch_home"
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    (home / "hub" / "checkpoints" / weights.name).symlink_to(weights)
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--quick", "--device", "cpu", "--out", str(out)]) == 0
+    parts = json.loads(out.read_text())["parts"]
+    assert parts["fit"]["steady_images_per_s"] > 0 and parts["fit"]["projected_800k_steps_h"] > 0
+    assert parts["inception"]["images_per_s"] > 0
+    eager = parts["bench"]["eager"]["train_step"]["32"]
+    assert eager["ours"]["images_per_s"] > 0 and eager["ours"]["gflops"] > 0
