@@ -125,10 +125,12 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
             from hydra.utils import instantiate
 
             dm = instantiate(dict(run_config["data"]), num_workers=0)
-            mu, sigma = fidlib.reference_stats(dm, split=cfg.fid.reference_split,
-                                               max_images=cfg.fid.reference_max_images,
-                                               device=device, weights_path=weights,
-                                               download=cfg.fid.download)
+            from ddpm_lightning.reference import reference_stats
+
+            mu, sigma = reference_stats(dm, split=cfg.fid.reference_split,
+                                        max_images=cfg.fid.reference_max_images,
+                                        device=device, weights_path=weights,
+                                        download=cfg.fid.download)
             value = fidlib.compute_fid(images, (mu, sigma), device=device, weights_path=weights,
                                        download=cfg.fid.download)
             results["fid"] = {"value": value, "reference": cfg.fid.reference_split,

@@ -1,4 +1,5 @@
-"""FID and Inception Score, offline, plus ``FIDCallback`` for FID during training.
+"""FID and Inception Score, offline, and cached reference statistics (no Lightning; the
+training-time callbacks are in ``evaluation.py``).
 
 Features come from torch-fidelity's ``FeatureExtractorInceptionV3("inception-v3-compat")``,
 the TF-FID Inception-v3 with its standard preprocessing: uint8 RGB images, resized with the
@@ -24,11 +25,7 @@ features equal ours exactly.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import tempfile
-import time
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,7 +33,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .callbacks import SamplingCallback
 from .inception import default_weights_path, load_extractor
 
 FEATURE_DIM = 2048
@@ -224,6 +220,8 @@ def fid_from_stats(mu1, sigma1, mu2, sigma2) -> float:
 
 def _as_stats(reference, **feature_kwargs) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(reference, (str, os.PathLike)):
+        from .reference import load_stats
+
         return load_stats(reference)
     if isinstance(reference, Mapping):
         return np.asarray(reference["mu"]), np.asarray(reference["sigma"])
@@ -275,315 +273,16 @@ def inception_score(images, splits: int = 10, batch_size: int = 32, device=None,
     return inception_score_from_logits(logits, splits)
 
 
-# --------------------------------------------------------------------------- reference stats
+_MOVED = {"FIDCallback": "evaluation", "reference_stats": "reference", "cache_dir": "reference",
+          "save_stats": "reference", "load_stats": "reference",
+          "dataset_fingerprint": "reference"}
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("DDPM_FID_CACHE") or "~/.cache/ddpm_lightning/fid_stats").expanduser()
+def __getattr__(name: str):
+    """The old homes of the callback (``evaluation``) and of the reference statistics
+    (``reference``), for configs and code that still name them here."""
+    if name in _MOVED:
+        import importlib
 
-
-def save_stats(path: str | os.PathLike, mu, sigma, **info) -> Path:
-    """Write (µ, Σ) and a JSON ``info`` record to ``path`` (.npz) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
-                     info=np.array(json.dumps(info, sort_keys=True)))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def load_stats(path: str | os.PathLike, info: dict | None = None):
-    """(µ, Σ) from a ``.npz`` with ``mu`` and ``sigma`` (ours, or e.g. the TTUR/ADM files).
-    With ``info`` given, return None when the file's record differs (a stale cache)."""
-    with np.load(Path(path).expanduser()) as f:
-        if info is not None:
-            stored = json.loads(str(f["info"])) if "info" in f else None
-            if stored != json.loads(json.dumps(info, sort_keys=True)):
-                return None
-        return f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
-
-
-def _reference_set(source, split: str, max_images: int | None, name: str | None, seed: int = 0,
-                   fingerprint: bool = True):
-    """(dataset, indices, cache key, info) of the images that make the reference; ``info``
-    holds the images' fingerprint when there is a cache key and ``fingerprint`` is set (the
-    rank that reads and writes the cache)."""
-    from .data import DiffusionDataModule
-    from .datasets import NATIVE_CHANNELS
-
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"reference split={split!r} is unknown; use train (the paper's), val or test")
-    if isinstance(source, DiffusionDataModule):
-        source.setup("fit")
-        dataset = source.train_set if split == "train" else source.val_set
-        name, suffix = source.dataset, ""
-        info = {"dataset": name, "split": split, "image_size": source.image_size,
-                "channels": source.channels}
-        if source.channels != NATIVE_CHANNELS.get(name):
-            suffix += f"_c{source.channels}"
-        if source.dataset in ("embedded", "folder"):  # its own split: depends on seed, fraction
-            info.update(seed=source.seed, val_fraction=source.val_fraction)
-            suffix += f"_s{source.seed}v{source.val_fraction:g}"
-        if source.dataset == "folder":
-            info["root"] = str(Path(source.root).resolve())
-            suffix += "_" + hashlib.sha1(info["root"].encode()).hexdigest()[:8]
-    else:
-        dataset, suffix = source, ""
-        info = {"dataset": name, "split": split}
-    n = len(dataset)
-    first = dataset[0]
-    size = (first[0] if isinstance(first, (tuple, list)) else first).shape[-1]
-    info["image_size"] = int(size)
-    indices = torch.arange(n)
-    if max_images is not None and max_images < n:
-        g = torch.Generator().manual_seed(seed)  # a fixed random subset, not the first images
-        indices = torch.randperm(n, generator=g)[:max_images].sort().values
-        info["max_images"] = int(max_images)
-    info["num_images"] = len(indices)
-    content = dataset_fingerprint(dataset, indices.tolist()) if fingerprint and name else None
-    if content is not None:  # a dataset that changed under the same settings is recomputed
-        info["content"] = content
-    key = None
-    if name is not None:
-        key = f"{name}_{split}_{size}{suffix}" + (f"_n{len(indices)}" if len(indices) < n else "")
-    return dataset, indices.tolist(), key, info
-
-
-def dataset_fingerprint(dataset, indices: list[int]) -> str | None:
-    """A short hash of the reference images' contents: the pixels of an in-memory dataset,
-    or each file's path, size and modification time for a folder of images (reading every
-    image would cost as much as the features). None for other datasets (then the cache trusts
-    its key; ``recompute=True`` refreshes it)."""
-    from .datasets import ImageFolderDataset, TensorImageDataset
-
-    h = hashlib.sha1()
-    if isinstance(dataset, TensorImageDataset):
-        images = dataset.images.numpy()
-        chosen = images if len(indices) == len(images) else images[indices]
-        h.update(str(chosen.shape).encode())
-        h.update(np.ascontiguousarray(chosen).data)
-    elif isinstance(dataset, ImageFolderDataset):
-        for i in indices:
-            path = Path(dataset.files[i])
-            st = path.stat()
-            h.update(f"{path.resolve()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-        h.update(f"{dataset.image_size}{dataset.mode}".encode())
-    else:
-        return None
-    return h.hexdigest()[:16]
-
-
-def _dataset_batches(dataset, indices: list[int], batch_size: int):
-    for i in range(0, len(indices), batch_size):
-        chunk = indices[i:i + batch_size]
-        if hasattr(dataset, "__getitems__"):
-            batch = dataset.__getitems__(chunk)
-        else:
-            batch = [dataset[j] for j in chunk]
-        if not isinstance(batch, torch.Tensor):
-            batch = torch.stack([b[0] if isinstance(b, (tuple, list)) else b for b in batch])
-        yield batch
-
-
-def _dataset_moments(dataset, indices, batch_size, device, weights_path, download):
-    moments = FeatureMoments(device=device)
-    for batch in _dataset_batches(dataset, indices, batch_size):
-        moments.add(inception_features(batch, batch_size, device, weights_path, download))
-    return moments
-
-
-def reference_stats(source, split: str = "train", max_images: int | None = None, *,
-                    name: str | None = None, batch_size: int = 32, device=None,
-                    weights_path=None, download: bool = False,
-                    cache: str | os.PathLike | None = None, recompute: bool = False):
-    """(µ, Σ) of a dataset's Inception features, computed once and cached.
-
-    ``source`` is a ``DiffusionDataModule`` (the cache key comes from its dataset name,
-    image size, channels and, for embedded/folder, its split settings) or any dataset of
-    uint8 [C, H, W] images (then ``name`` keys the cache; without it nothing is cached).
-    ``split``: "train" (the paper's protocol), or "val"/"test" (the datamodule's held-out
-    set, which is the official test split for MNIST, Fashion-MNIST and CIFAR-10).
-    ``max_images`` uses a fixed random subset. The file is
-    ``{cache or $DDPM_FID_CACHE}/{dataset}_{split}_{size}[_n{max_images}].npz``; it records a
-    fingerprint of the images (``dataset_fingerprint``), and a file whose images have changed
-    since is recomputed and overwritten.
-    """
-    dataset, indices, key, info = _reference_set(source, split, max_images, name)
-    path = None if key is None else Path(cache or cache_dir()).expanduser() / f"{key}.npz"
-    if path is not None and path.is_file() and not recompute:
-        stats = load_stats(path, info)
-        if stats is not None:
-            return stats
-    stats = _dataset_moments(dataset, indices, batch_size, device, weights_path, download).stats()
-    if path is not None:
-        save_stats(path, *stats, **info)
-    return stats
-
-
-# --------------------------------------------------------------------------- the callback
-
-
-class FIDCallback(SamplingCallback):
-    """FID of EMA samples against the training set, every ``every_n_steps`` optimizer steps
-    (and at the end of training), logged as ``val/fid`` (and ``val/fid_seconds``).
-
-    Every rank samples its share of ``num_samples`` (batch k from the generator seeded by
-    (seed, k), as in sample.py: the same x_T at every evaluation and in every job of a sweep,
-    so FIDs differ by the model only, and equal sample.py's for the same settings) with
-    ``pl_module.eval_model`` and computes its Inception feature moments; the moments are
-    all-gathered and merged, rank 0 computes the FID and broadcasts it, so every rank holds
-    the value (``trainer.callback_metrics["val/fid"]``, e.g. for a checkpoint monitor).
-    Sampling uses its own ``torch.Generator``: the training RNG is not advanced.
-
-    Args:
-        every_n_steps: evaluate when ``global_step`` is a multiple of this.
-        num_samples: samples per evaluation, over all ranks (the paper: 50k; a floor near 30
-            remains with 2k, so compare runs at equal ``num_samples`` only).
-        batch_size: sampling batch per rank.
-        sampler: overrides of ``module.sampler``, e.g. ``{name: ddim, steps: 100}``.
-        reference: ``split`` (train), ``max_images`` (null = all), ``cache_dir`` (null =
-            $DDPM_FID_CACHE), or ``path`` to a precomputed ``.npz`` with mu/sigma. The
-            reference images come from the trainer's ``DiffusionDataModule``; a missing cache
-            is computed once, split over the ranks.
-        weights_path, download: where the Inception weights come from (see ``resolve_weights``).
-        on_train_end: also evaluate at the end of training.
-        seed: base seed of the sampling noise.
-        inception_batch_size: images per Inception forward pass.
-    """
-
-    sampler_key = "callbacks.fid.sampler"
-
-    def __init__(self, every_n_steps: int = 10_000, num_samples: int = 10_000,
-                 batch_size: int = 256, sampler: Mapping | None = None,
-                 reference: Mapping | None = None, weights_path: str | None = None,
-                 download: bool = False, on_train_end: bool = True, seed: int = 0,
-                 inception_batch_size: int = 64):
-        super().__init__(every_n_steps, on_train_end, key="callbacks.fid.every_n_steps",
-                         sampler=sampler)
-        for key, value in (("num_samples", num_samples), ("batch_size", batch_size),
-                           ("inception_batch_size", inception_batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"callbacks.fid.{key}={value!r} must be a positive integer")
-        if num_samples < 2:
-            raise ValueError(f"callbacks.fid.num_samples={num_samples} must be >= 2")
-        self.reference = dict(reference or {})
-        unknown = set(self.reference) - {"split", "max_images", "cache_dir", "path"}
-        if unknown:
-            raise ValueError(f"callbacks.fid.reference.{min(unknown)} is unknown; valid: "
-                             "split, max_images, cache_dir, path")
-        self.reference.setdefault("split", "train")
-        self.num_samples = num_samples
-        self.batch_size = batch_size
-        self.weights_path = weights_path
-        self.download = download
-        self.seed = seed
-        self.inception_batch_size = inception_batch_size
-        self.last_fid: float | None = None
-        self._ref: tuple[np.ndarray, np.ndarray] | None = None
-        self._ref_ready = False
-
-    # ------------------------------------------------------------- hooks
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        """Fail before training on bad settings or missing weights/reference."""
-        from .data import DiffusionDataModule
-
-        if stage != "fit":
-            return
-        self.check_module(pl_module)
-        resolve_weights(self.weights_path, self.download)
-        path = self.reference.get("path")
-        if path:
-            if not Path(path).expanduser().is_file():
-                raise FileNotFoundError(f"callbacks.fid.reference.path={path} not found")
-        elif not isinstance(trainer.datamodule, DiffusionDataModule):
-            raise ValueError("callbacks.fid needs trainer.fit(..., datamodule=DiffusionDataModule)"
-                             " for its reference images, or reference.path to a stats .npz")
-
-    def run(self, trainer, pl_module) -> float:
-        return self.evaluate(trainer, pl_module)
-
-    # ------------------------------------------------------------- work
-    def evaluate(self, trainer, pl_module) -> float:
-        """Run one FID evaluation on every rank; returns the FID (on every rank)."""
-        start = time.perf_counter()
-        # Whatever draws random numbers in here (data loaders, samplers), the training RNG
-        # streams come out exactly as they went in.
-        cuda = [pl_module.device] if pl_module.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            reference = self._reference_stats(trainer, pl_module)
-            moments = _all_gather_moments(trainer, self._sample_moments(trainer, pl_module))
-        fid = None
-        if trainer.is_global_zero:
-            fid = fid_from_stats(*moments.stats(), *reference)
-        fid = float(trainer.strategy.broadcast(fid, src=0))
-        seconds = time.perf_counter() - start
-        step = trainer.global_step
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics({"val/fid": fid, "val/fid_seconds": seconds}, step=step)
-            print(f"FID at step {step}: {fid:.3f} ({self.num_samples} samples, {seconds:.0f} s)",
-                  flush=True)
-        trainer.callback_metrics["val/fid"] = torch.tensor(fid)
-        self.last_fid, self._last_step = fid, step
-        return fid
-
-    def _sample_moments(self, trainer, pl_module) -> FeatureMoments:
-        """Moments of this rank's share of the samples: sample.py's samples for the same
-        seed, batch size and sampler, so the two FIDs agree."""
-        _, images = self.generate(pl_module, self.num_samples, self.batch_size, self.seed,
-                                  trainer.global_rank, trainer.world_size)
-        moments = FeatureMoments(device=pl_module.device)
-        if images.shape[0]:
-            moments.add(inception_features(images, self.inception_batch_size, pl_module.device,
-                                           self.weights_path, self.download))
-        return moments
-
-    def _reference_stats(self, trainer, pl_module):
-        """(µ, Σ) of the reference on rank 0 (None elsewhere). A cache miss is computed by all
-        ranks together, each on every world_size-th image, and cached by rank 0."""
-        if self._ref_ready:
-            return self._ref
-        ref, stats = self.reference, None
-        if ref.get("path"):
-            stats = load_stats(ref["path"]) if trainer.is_global_zero else None
-        else:
-            dataset, indices, key, info = _reference_set(
-                trainer.datamodule, ref["split"], ref.get("max_images"), None,
-                fingerprint=trainer.is_global_zero)
-            path = Path(ref.get("cache_dir") or cache_dir()).expanduser() / f"{key}.npz"
-            if trainer.is_global_zero and path.is_file():
-                stats = load_stats(path, info)
-            if not trainer.strategy.broadcast(stats is not None, src=0):
-                rank, world = trainer.global_rank, trainer.world_size
-                moments = _dataset_moments(dataset, indices[rank::world],
-                                           self.inception_batch_size, pl_module.device,
-                                           self.weights_path, self.download)
-                moments = _all_gather_moments(trainer, moments)
-                if trainer.is_global_zero:
-                    stats = moments.stats()
-                    save_stats(path, *stats, **info)
-                    print(f"FID reference statistics ({len(indices)} images) cached in {path}",
-                          flush=True)
-        self._ref, self._ref_ready = stats, True
-        return stats
-
-
-def _all_gather_moments(trainer, moments: FeatureMoments) -> FeatureMoments:
-    """Merge the moments of all ranks (same result on every rank)."""
-    if trainer.world_size == 1:
-        return moments
-    strategy = trainer.strategy
-    counts = strategy.all_gather(torch.tensor(float(moments.n), dtype=torch.float64,
-                                              device=moments.mean.device))
-    means = strategy.all_gather(moments.mean)
-    m2s = strategy.all_gather(moments.m2)
-    merged = FeatureMoments(moments.mean.shape[0], moments.mean.device)
-    for n, mean, m2 in zip(counts.reshape(-1).tolist(), means, m2s):
-        merged.merge(int(n), mean, m2)
-    return merged
+        return getattr(importlib.import_module(f".{_MOVED[name]}", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .diffusion import GaussianDiffusion
+from .flops import precision_dtype, train_flops_per_image
 from .generate import SEED_STRIDE
 from .samplers import SamplerSettings
 from .timesteps import make_timestep_sampler
@@ -124,7 +125,8 @@ class DDPM(L.LightningModule):
                 f"module.sampler.variance={self.sampler.variance!r} cannot be used with "
                 f"module.variance={variance!r}: the network predicts Σ; set it to null"
             )
-        self._last_batch_end: float | None = None
+        self._window: tuple[float | None, int] = (None, -1)  # (clock, step) of the last check
+        self._flops: int | None = None  # training FLOPs per image
         self._own_rng_restored = False
         self._watch: dict[str, torch.Tensor] | None = None  # device-side checks, see below
 
@@ -245,15 +247,42 @@ class DDPM(L.LightningModule):
         self.update_ema()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        now = time.perf_counter()
-        if self._last_batch_end is not None:
-            images = batch.shape[0] * self.trainer.world_size
-            self.log("train/images_per_sec", images / max(now - self._last_batch_end, 1e-9))
-        self._last_batch_end = now
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        if self.global_step % self.check_every_n_steps == 0:
-            self.raise_if_nonfinite()
+        if self.global_step % self.check_every_n_steps == 0 and \
+                self.global_step != self._window[1]:
+            self.raise_if_nonfinite()  # a host sync: the clock below reads finished work
             self._flush_loss_by_quartile()
+            self._log_throughput(batch)
+
+    def _log_throughput(self, batch: torch.Tensor) -> None:
+        """Over the window since the last check (``check_every_n_steps`` optimizer steps; the
+        first window also holds the start-up): ``train/images_per_sec`` (all ranks), and with
+        the network's FLOPs ``train/tflops_per_sec`` and, where Lightning knows the device's
+        peak for the precision, ``train/mfu``. Both ends of the window follow a host sync, so
+        the host clock measures device time and no step waits for it."""
+        now, step = time.perf_counter(), self.global_step
+        start, first = self._window
+        self._window = (now, step)
+        if start is None or step <= first:
+            return
+        trainer = self.trainer
+        images = (step - first) * batch.shape[0] * trainer.world_size \
+            * trainer.accumulate_grad_batches
+        rate = images / max(now - start, 1e-9)
+        metrics = {"train/images_per_sec": rate}
+        if self._flops is None:
+            net = self.ema_model  # the same architecture, never compiled
+            shape = (net.in_channels, net.image_size, net.image_size)
+            self._flops = train_flops_per_image(net, shape, self.device)
+        metrics["train/tflops_per_sec"] = rate * self._flops / 1e12
+        from lightning.fabric.utilities.throughput import get_available_flops
+
+        peak = get_available_flops(self.device, precision_dtype(trainer.precision))
+        if peak:
+            metrics["train/mfu"] = rate * self._flops / (peak * trainer.world_size)
+        if trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=step)
 
     # ----------------------------------------------------------- validation
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
@@ -273,6 +302,7 @@ class DDPM(L.LightningModule):
         same t and ε for their (different) images: a global batch of B·N images would hold
         only B distinct (t, ε) pairs. A resume that restores every rank's own saved state
         keeps it; otherwise the rank is folded into the common state here."""
+        self._window = (time.perf_counter(), self.global_step)
         if self.trainer.world_size > 1 and not self._own_rng_restored:
             _fold_rank_into_rng(self.trainer.global_rank)
         self._own_rng_restored = False  # a later fit of this module decides afresh
@@ -329,12 +359,17 @@ class DDPM(L.LightningModule):
     # ------------------------------------------------------------ optimizer
     def configure_optimizers(self):
         hp = self.hparams
+        params = list(self.model.parameters())
+        # On CUDA the fused kernel: one launch for all parameters and no host sync (its step
+        # counters stay on the device). Elsewhere torch's default (foreach) implementation.
+        on_cuda = all(p.is_cuda for p in params)
         opt = torch.optim.Adam(
-            self.model.parameters(),
+            params,
             lr=hp.lr,
             betas=tuple(hp.adam_betas),
             eps=hp.adam_eps,
             weight_decay=hp.weight_decay,
+            fused=True if on_cuda else None,
         )
         warmup = hp.warmup_steps
 

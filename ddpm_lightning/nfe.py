@@ -6,7 +6,7 @@
 For every (sampler, NFE) it draws ``--n`` samples with the EMA weights, sample i from the same
 x_T for every sampler (``generate``'s seeding: x_T of batch k comes first from the generator
 seeded by (seed, k), as in sample.py), and computes their FID against the reference statistics
-of ``--ref-split`` (cached; see ``fid.reference_stats``). It writes into DIR:
+of ``--ref-split`` (cached; see ``reference.reference_stats``). It writes into DIR:
 
   results.json     every entry with its FID, N, sampler settings and sampling time; entries
                    already there (same checkpoint, N, seed, settings) are reused, so an
@@ -192,6 +192,7 @@ def run(args: argparse.Namespace) -> dict:
     from .data import DiffusionDataModule
     from .generate import generate
     from .inference import prepare
+    from .reference import reference_stats
     from .samplers import SamplerSettings
 
     out = Path(args.out)
@@ -207,8 +208,8 @@ def run(args: argparse.Namespace) -> dict:
     shape = (net.in_channels, net.image_size, net.image_size)
     data = DiffusionDataModule(**{k: v for k, v in run_config["data"].items()
                                   if k != "_target_"})
-    ref = fidlib.reference_stats(data, split=args.ref_split, max_images=args.ref_max_images,
-                                 device=device, weights_path=args.weights_path)
+    ref = reference_stats(data, split=args.ref_split, max_images=args.ref_max_images,
+                          device=device, weights_path=args.weights_path)
     meta = {"ckpt": str(Path(args.ckpt).resolve()), "global_step": ckpt.get("global_step"),
             "n": args.n, "seed": args.seed, "batch_size": args.batch_size,
             "ref_split": args.ref_split, "ref_max_images": args.ref_max_images,

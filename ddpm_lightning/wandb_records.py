@@ -99,8 +99,8 @@ def read_run(run_dir) -> dict:
         elif kind == "summary":
             for item in rec.summary.update:
                 out["summary"][_key(item)] = json.loads(item.value_json)
-        elif kind == "metric" and rec.metric.name:
-            out["metrics"][rec.metric.name] = rec.metric.step_metric
+        elif kind == "metric" and (rec.metric.name or rec.metric.glob_name):
+            out["metrics"][rec.metric.name or rec.metric.glob_name] = rec.metric.step_metric
         elif kind == "exit":
             out["exit_code"] = rec.exit.exit_code
     return out

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_lightning import fid
+from ddpm_lightning import evaluation, fid, reference
 from ddpm_lightning.data import DiffusionDataModule
 from ddpm_lightning.inception import (
     WEIGHTS_FILENAME,
@@ -180,7 +180,7 @@ def test_fid_grows_with_noise(weights):
 def test_reference_stats_are_cached_once(weights, monkeypatch, tmp_path):
     monkeypatch.setenv("DDPM_FID_CACHE", str(tmp_path))
     dm = DiffusionDataModule("embedded", image_size=16, batch_size=8)
-    first = fid.reference_stats(dm, "train", max_images=8, weights_path=weights)
+    first = reference.reference_stats(dm, "train", max_images=8, weights_path=weights)
     files = list(tmp_path.glob("*.npz"))
     assert [f.name for f in files] == ["embedded_train_16_s0v0.1_n8.npz"]
 
@@ -188,13 +188,13 @@ def test_reference_stats_are_cached_once(weights, monkeypatch, tmp_path):
         raise AssertionError("features recomputed despite the cache")
 
     monkeypatch.setattr(fid, "inception_features", fail)
-    again = fid.reference_stats(dm, "train", max_images=8, weights_path=weights)
+    again = reference.reference_stats(dm, "train", max_images=8, weights_path=weights)
     for a, b in zip(first, again):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(AssertionError, match="recomputed"):
-        fid.reference_stats(dm, "train", max_images=8, recompute=True)
+        reference.reference_stats(dm, "train", max_images=8, recompute=True)
     with pytest.raises(AssertionError, match="recomputed"):  # another subset: another file
-        fid.reference_stats(dm, "train", max_images=9)
+        reference.reference_stats(dm, "train", max_images=9)
 
 
 @needs_helper
@@ -210,18 +210,18 @@ def test_reference_cache_notices_changed_images(weights, monkeypatch, tmp_path):
     dm = DiffusionDataModule("folder", root=str(root), image_size=16, channels=3, batch_size=4,
                              val_fraction=0.0)
     kwargs = {"weights_path": weights, "cache": tmp_path / "stats"}
-    first = fid.reference_stats(dm, "train", **kwargs)
+    first = reference.reference_stats(dm, "train", **kwargs)
     computed = []
     real = fid.inception_features
     monkeypatch.setattr(fid, "inception_features",
                         lambda *a, **k: computed.append(1) or real(*a, **k))
-    fid.reference_stats(dm, "train", **kwargs)
+    reference.reference_stats(dm, "train", **kwargs)
     assert computed == []  # unchanged folder: the cache is used
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(root / "3.png")  # one image changes
     os.utime(root / "3.png", ns=(1, 1))  # an old time stamp: the size still gives it away
     dm = DiffusionDataModule("folder", root=str(root), image_size=16, channels=3, batch_size=4,
                              val_fraction=0.0)
-    again = fid.reference_stats(dm, "train", **kwargs)
+    again = reference.reference_stats(dm, "train", **kwargs)
     assert computed, "features were not recomputed for a changed folder"
     assert not np.allclose(first[0], again[0])
     assert len(list((tmp_path / "stats").glob("*.npz"))) == 1  # the stale file was replaced
@@ -231,12 +231,12 @@ def test_fingerprint_follows_the_pixels_of_in_memory_datasets():
     from ddpm_lightning.datasets import TensorImageDataset
 
     images = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
-    a = fid.dataset_fingerprint(TensorImageDataset(images), [0, 1, 2, 3])
-    assert a == fid.dataset_fingerprint(TensorImageDataset(images.clone()), [0, 1, 2, 3])
+    a = reference.dataset_fingerprint(TensorImageDataset(images), [0, 1, 2, 3])
+    assert a == reference.dataset_fingerprint(TensorImageDataset(images.clone()), [0, 1, 2, 3])
     images[2, 0, 3, 3] = 1
-    assert a != fid.dataset_fingerprint(TensorImageDataset(images), [0, 1, 2, 3])
-    assert fid.dataset_fingerprint(TensorImageDataset(images), [0, 1]) != a
-    assert fid.dataset_fingerprint(list(images), [0]) is None
+    assert a != reference.dataset_fingerprint(TensorImageDataset(images), [0, 1, 2, 3])
+    assert reference.dataset_fingerprint(TensorImageDataset(images), [0, 1]) != a
+    assert reference.dataset_fingerprint(list(images), [0]) is None
 
 
 @needs_helper
@@ -245,16 +245,16 @@ def test_fashion_mnist_train_vs_test(weights, monkeypatch, tmp_path):
     dm = DiffusionDataModule("fashion_mnist", root=str(FMNIST), image_size=28, batch_size=16,
                              val_fraction=0.0)
     kwargs = {"max_images": 200, "weights_path": weights, "cache": tmp_path}
-    train = fid.reference_stats(dm, "train", **kwargs)
-    test = fid.reference_stats(dm, "test", **kwargs)
+    train = reference.reference_stats(dm, "train", **kwargs)
+    test = reference.reference_stats(dm, "test", **kwargs)
     value = fid.fid_from_stats(*train, *test)
     self_fid = fid.fid_from_stats(*train, *train)
     assert sorted(p.name for p in tmp_path.glob("*.npz")) == [
         "fashion_mnist_test_28_n200.npz", "fashion_mnist_train_28_n200.npz"]
     # a second run reads the cached statistics and gives the very same FID
     monkeypatch.setattr(fid, "inception_features", lambda *a, **k: pytest.fail("recomputed"))
-    again = fid.fid_from_stats(*fid.reference_stats(dm, "train", **kwargs),
-                               *fid.reference_stats(dm, "test", **kwargs))
+    again = fid.fid_from_stats(*reference.reference_stats(dm, "train", **kwargs),
+                               *reference.reference_stats(dm, "test", **kwargs))
     print(f"\nFashion-MNIST train vs test (200 each): FID {value:.3f}; self {self_fid:.2e}")
     assert math.isfinite(value) and value > 0 and again == value
     assert abs(self_fid) < 1e-3
@@ -289,7 +289,7 @@ def test_fid_callback_in_trainer_fit(weights, tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
     rng: dict = {}
-    callback = fid.FIDCallback(every_n_steps=2, num_samples=5, batch_size=4,
+    callback = evaluation.FIDCallback(every_n_steps=2, num_samples=5, batch_size=4,
                                sampler={"name": "ddim", "steps": 4},
                                reference={"split": "train", "max_images": 12,
                                           "cache_dir": str(tmp_path / "stats")},
@@ -323,9 +323,9 @@ def test_fid_callback_config_composes():
         cfg = compose("train", overrides=["callbacks=fid"])
     assert {"checkpoint", "sample_grid", "schedule_plot", "fid"} <= set(cfg.callbacks)
     callback = instantiate(cfg.callbacks.fid)
-    assert isinstance(callback, fid.FIDCallback) and callback.reference["split"] == "train"
+    assert isinstance(callback, evaluation.FIDCallback) and callback.reference["split"] == "train"
     with pytest.raises(ValueError, match="reference.nope"):
-        fid.FIDCallback(reference={"nope": 1})
+        evaluation.FIDCallback(reference={"nope": 1})
 
 
 DDP_SCRIPT = """
@@ -336,7 +336,7 @@ from lightning.pytorch.loggers import CSVLogger
 sys.path.insert(0, {tests!r})
 from test_fid import _tiny_module
 from ddpm_lightning.data import DiffusionDataModule
-from ddpm_lightning.fid import FIDCallback
+from ddpm_lightning.evaluation import FIDCallback
 
 out = Path({out!r})
 cb = FIDCallback(every_n_steps=2, num_samples=5, batch_size=4, sampler={{"name": "ddim", "steps": 3}},
@@ -364,3 +364,12 @@ def test_fid_callback_under_ddp(weights, tmp_path):
     print(f"\nDDP FID (2 ranks, 5 samples): {values}")
     assert values[0] == values[1] and math.isfinite(values[0]) and values[0] > 0
     assert (tmp_path / "stats" / "embedded_train_16_s0v0.1_n10.npz").is_file()
+
+
+def test_old_names_still_resolve():
+    """Configs and scripts written before the split name the callback and the reference
+    statistics in ``ddpm_lightning.fid``."""
+    assert fid.FIDCallback is evaluation.FIDCallback
+    assert fid.reference_stats is reference.reference_stats
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        fid.nope  # noqa: B018

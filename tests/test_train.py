@@ -50,12 +50,24 @@ def test_every_experiment_trains_two_steps(experiment, tmp_path, rgb_folder):
 def test_logged_keys(tmp_path):
     run = tmp_path / "run"
     _ok(run_script("train.py", *TINY, f"hydra.run.dir={run}", "trainer.max_steps=4",
-                   "trainer.val_check_interval=2"))
+                   "trainer.val_check_interval=2", "module.check_every_n_steps=2"))
     rows = read_metrics(run)
     keys = set().union(*(r.keys() for r in rows))
     for key in ("train/loss", "train/loss_q0", "train/loss_q3", "train/lr", "train/grad_norm",
-                "train/images_per_sec", "val/loss"):
+                "train/images_per_sec", "train/tflops_per_sec", "val/loss"):
         assert key in keys, sorted(keys)
+    assert "train/mfu" not in keys  # Lightning knows no peak FLOP/s of a CPU
+    # throughput per window of 2 steps (steps 2 and 4); FLOPs = 3 × the TINY U-Net's forward
+    rates, tflops = series(rows, "train/images_per_sec"), series(rows, "train/tflops_per_sec")
+    assert [s for s, _ in rates] == [s for s, _ in tflops] == [2, 4]  # after steps 2 and 4
+    from ddpm_lightning.flops import forward_flops_per_image
+    from ddpm_lightning.unet import UNet
+
+    net = UNet(in_channels=1, ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[8],
+               image_size=16)
+    per_image = 3 * forward_flops_per_image(net, (1, 16, 16), "cpu")
+    for (_, r), (_, f) in zip(rates, tflops):
+        assert f * 1e12 == pytest.approx(r * per_image, rel=1e-6)
     lr = [v for _, v in series(rows, "train/lr")]
     assert lr == sorted(lr)  # linear warm-up
 

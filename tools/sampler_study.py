@@ -111,7 +111,7 @@ def main() -> None:
                   f"RMSE(ε̂−ε) {r['rmse']:.4f}")
         grids = {}
         if args.fid:
-            from ddpm_lightning.fid import reference_stats
+            from ddpm_lightning.reference import reference_stats
 
             ref = reference_stats(data, split="test", max_images=args.fid_ref)
         for nfe in args.nfe if args.fid else []:

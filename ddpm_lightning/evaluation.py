@@ -1,0 +1,306 @@
+"""Evaluation during training (the Lightning layer): ``FIDCallback`` (``callbacks=fid``) and
+``EvalCallback`` (``callbacks=eval``: FID and bits/dim, cheap and comparable across jobs)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .callbacks import SamplingCallback
+from .data import to_model_range
+from .fid import FeatureMoments, fid_from_stats, inception_features, resolve_weights
+from .generate import SEED_STRIDE
+from .reference import _dataset_moments, _reference_set, cache_dir, load_stats, save_stats
+
+
+class FIDCallback(SamplingCallback):
+    """FID of EMA samples against the training set, every ``every_n_steps`` optimizer steps
+    (and at the end of training), logged as ``val/fid`` (and ``val/fid_seconds``).
+
+    Every rank samples its share of ``num_samples`` (batch k from the generator seeded by
+    (seed, k), as in sample.py: the same x_T at every evaluation and in every job of a sweep,
+    so FIDs differ by the model only, and equal sample.py's for the same settings) with
+    ``pl_module.eval_model`` and computes its Inception feature moments; the moments are
+    all-gathered and merged, rank 0 computes the FID and broadcasts it, so every rank holds
+    the value (``trainer.callback_metrics["val/fid"]``, e.g. for a checkpoint monitor).
+    Sampling uses its own ``torch.Generator``: the training RNG is not advanced.
+
+    Args:
+        every_n_steps: evaluate when ``global_step`` is a multiple of this.
+        num_samples: samples per evaluation, over all ranks (the paper: 50k; a floor near 30
+            remains with 2k, so compare runs at equal ``num_samples`` only).
+        batch_size: sampling batch per rank.
+        sampler: overrides of ``module.sampler``, e.g. ``{name: ddim, steps: 100}``.
+        reference: ``split`` (train), ``max_images`` (null = all), ``cache_dir`` (null =
+            $DDPM_FID_CACHE), or ``path`` to a precomputed ``.npz`` with mu/sigma. The
+            reference images come from the trainer's ``DiffusionDataModule``; a missing cache
+            is computed once, split over the ranks.
+        weights_path, download: where the Inception weights come from (see ``resolve_weights``).
+        on_train_end: also evaluate at the end of training.
+        seed: base seed of the sampling noise.
+        inception_batch_size: images per Inception forward pass.
+    """
+
+    config_key = "callbacks.fid"  # names the settings in errors
+    prefix = "val/"  # of the logged keys: val/fid, val/fid_seconds
+
+    @property
+    def sampler_key(self) -> str:
+        return f"{self.config_key}.sampler"
+
+    def __init__(self, every_n_steps: int = 10_000, num_samples: int = 10_000,
+                 batch_size: int = 256, sampler: Mapping | None = None,
+                 reference: Mapping | None = None, weights_path: str | None = None,
+                 download: bool = False, on_train_end: bool = True, seed: int = 0,
+                 inception_batch_size: int = 64):
+        super().__init__(every_n_steps, on_train_end, key=f"{self.config_key}.every_n_steps",
+                         sampler=sampler)
+        for key, value in (("num_samples", num_samples), ("batch_size", batch_size),
+                           ("inception_batch_size", inception_batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{self.config_key}.{key}={value!r} must be a positive integer")
+        if num_samples < 2:
+            raise ValueError(f"{self.config_key}.num_samples={num_samples} must be >= 2")
+        self.reference = dict(reference or {})
+        unknown = set(self.reference) - {"split", "max_images", "cache_dir", "path"}
+        if unknown:
+            raise ValueError(f"{self.config_key}.reference.{min(unknown)} is unknown; valid: "
+                             "split, max_images, cache_dir, path")
+        self.reference.setdefault("split", "train")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.weights_path = weights_path
+        self.download = download
+        self.seed = seed
+        self.inception_batch_size = inception_batch_size
+        self.last_fid: float | None = None
+        self._ref: tuple[np.ndarray, np.ndarray] | None = None
+        self._ref_ready = False
+
+    # ------------------------------------------------------------- hooks
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Fail before training on bad settings or missing weights/reference."""
+        from .data import DiffusionDataModule
+
+        if stage != "fit":
+            return
+        self.check_module(pl_module)
+        resolve_weights(self.weights_path, self.download)
+        path = self.reference.get("path")
+        if path:
+            if not Path(path).expanduser().is_file():
+                raise FileNotFoundError(f"{self.config_key}.reference.path={path} not found")
+        elif not isinstance(trainer.datamodule, DiffusionDataModule):
+            raise ValueError(f"{self.config_key} needs trainer.fit(..., datamodule="
+                             "DiffusionDataModule) for its reference images, or "
+                             "reference.path to a stats .npz")
+
+    def run(self, trainer, pl_module) -> float:
+        return self.evaluate(trainer, pl_module)
+
+    # ------------------------------------------------------------- work
+    def evaluate(self, trainer, pl_module) -> float:
+        """Run one FID evaluation on every rank; returns the FID (on every rank)."""
+        start = time.perf_counter()
+        # Whatever draws random numbers in here (data loaders, samplers), the training RNG
+        # streams come out exactly as they went in.
+        cuda = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            reference = self._reference_stats(trainer, pl_module)
+            moments = _all_gather_moments(trainer, self._sample_moments(trainer, pl_module))
+        fid = None
+        if trainer.is_global_zero:
+            fid = fid_from_stats(*moments.stats(), *reference)
+        fid = float(trainer.strategy.broadcast(fid, src=0))
+        seconds = time.perf_counter() - start
+        step = trainer.global_step
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({f"{self.prefix}fid": fid,
+                                    f"{self.prefix}fid_seconds": seconds}, step=step)
+            print(f"FID at step {step}: {fid:.3f} ({self.num_samples} samples, {seconds:.0f} s)",
+                  flush=True)
+        trainer.callback_metrics[f"{self.prefix}fid"] = torch.tensor(fid)
+        self.last_fid, self._last_step = fid, step
+        return fid
+
+    def _sample_moments(self, trainer, pl_module) -> FeatureMoments:
+        """Moments of this rank's share of the samples: sample.py's samples for the same
+        seed, batch size and sampler, so the two FIDs agree."""
+        _, images = self.generate(pl_module, self.num_samples, self.batch_size, self.seed,
+                                  trainer.global_rank, trainer.world_size)
+        moments = FeatureMoments(device=pl_module.device)
+        if images.shape[0]:
+            moments.add(inception_features(images, self.inception_batch_size, pl_module.device,
+                                           self.weights_path, self.download))
+        return moments
+
+    def _reference_stats(self, trainer, pl_module):
+        """(µ, Σ) of the reference on rank 0 (None elsewhere). A cache miss is computed by all
+        ranks together, each on every world_size-th image, and cached by rank 0."""
+        if self._ref_ready:
+            return self._ref
+        ref, stats = self.reference, None
+        if ref.get("path"):
+            stats = load_stats(ref["path"]) if trainer.is_global_zero else None
+        else:
+            dataset, indices, key, info = _reference_set(
+                trainer.datamodule, ref["split"], ref.get("max_images"), None,
+                fingerprint=trainer.is_global_zero)
+            path = Path(ref.get("cache_dir") or cache_dir()).expanduser() / f"{key}.npz"
+            if trainer.is_global_zero and path.is_file():
+                stats = load_stats(path, info)
+            if not trainer.strategy.broadcast(stats is not None, src=0):
+                rank, world = trainer.global_rank, trainer.world_size
+                moments = _dataset_moments(dataset, indices[rank::world],
+                                           self.inception_batch_size, pl_module.device,
+                                           self.weights_path, self.download)
+                moments = _all_gather_moments(trainer, moments)
+                if trainer.is_global_zero:
+                    stats = moments.stats()
+                    save_stats(path, *stats, **info)
+                    print(f"FID reference statistics ({len(indices)} images) cached in {path}",
+                          flush=True)
+        self._ref, self._ref_ready = stats, True
+        return stats
+
+
+def _all_gather_moments(trainer, moments: FeatureMoments) -> FeatureMoments:
+    """Merge the moments of all ranks (same result on every rank)."""
+    if trainer.world_size == 1:
+        return moments
+    strategy = trainer.strategy
+    counts = strategy.all_gather(torch.tensor(float(moments.n), dtype=torch.float64,
+                                              device=moments.mean.device))
+    means = strategy.all_gather(moments.mean)
+    m2s = strategy.all_gather(moments.m2)
+    merged = FeatureMoments(moments.mean.shape[0], moments.mean.device)
+    for n, mean, m2 in zip(counts.reshape(-1).tolist(), means, m2s):
+        merged.merge(int(n), mean, m2)
+    return merged
+
+
+class EvalCallback(FIDCallback):
+    """``callbacks=eval``: cheap evaluation that compares across the jobs of a sweep.
+
+    Every ``every_n_steps`` optimizer steps (and at the end of training), on all ranks, with the
+    EMA weights, it logs:
+
+    * ``eval/fid`` (and ``eval/fid_seconds``): FID of ``num_samples`` samples, sample i from the
+      same x_T in every job and at every evaluation (``FIDCallback``);
+    * ``eval/bpd`` (and ``eval/bpd_se``, ``eval/prior_bpd``, ``eval/vb_bpd``,
+      ``eval/decoder_bpd``, ``eval/nll_seconds``): the stratified unbiased estimate of the
+      bound (``likelihood.bits_per_dim_estimate``) on the first ``nll_images`` held-out
+      images, with ``nll_timesteps`` strata, the t and ε of image i fixed by ``seed`` (common
+      random numbers: evaluations differ by the model only); ``eval/bpd_se`` is its standard
+      error over the images;
+    * ``eval/vb_band{k}``: stratum k's share of the bound, so that schedules compare where
+      they differ in t;
+    * ``eval/seconds``, the whole evaluation.
+
+    Under W&B it declares the ``eval/*`` keys against ``trainer/global_step``, keeps the best
+    (lowest) ``eval/fid`` and ``eval/bpd`` in the run summary, and ``eval/best_fid_step``."""
+
+    config_key = "callbacks.eval"
+    prefix = "eval/"
+
+    def __init__(self, every_n_steps: int = 1000, num_samples: int = 1000,
+                 nll_images: int = 256, nll_timesteps: int = 32, nll_batch_size: int = 128,
+                 **fid_kwargs):
+        super().__init__(every_n_steps=every_n_steps, num_samples=num_samples, **fid_kwargs)
+        for key, value in (("nll_images", nll_images), ("nll_timesteps", nll_timesteps),
+                           ("nll_batch_size", nll_batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{self.config_key}.{key}={value!r} must be a positive integer")
+        self.nll_images, self.nll_timesteps = nll_images, nll_timesteps
+        self.nll_batch_size = nll_batch_size
+        self.best: tuple[float, int] | None = None  # (FID, step)
+
+    def check_module(self, pl_module) -> None:
+        from .likelihood import strata
+
+        super().check_module(pl_module)
+        try:
+            strata(pl_module.diffusion.num_timesteps, self.nll_timesteps)
+        except ValueError as err:
+            raise ValueError(str(err).replace("nll.num_timesteps",
+                                              f"{self.config_key}.nll_timesteps")) from None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and trainer.is_global_zero:
+            for exp in _wandb_runs(trainer):
+                exp.define_metric("trainer/global_step")
+                exp.define_metric("eval/*", step_metric="trainer/global_step")
+                exp.define_metric("eval/fid", summary="min")
+                exp.define_metric("eval/bpd", summary="min")
+
+    def run(self, trainer, pl_module) -> dict:
+        start = time.perf_counter()
+        fid = self.evaluate(trainer, pl_module)
+        cuda = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            nll = self.evaluate_nll(trainer, pl_module)
+        step = trainer.global_step
+        metrics = {**nll, "eval/seconds": time.perf_counter() - start}
+        if self.best is None or fid < self.best[0]:
+            self.best = (fid, step)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+            for exp in _wandb_runs(trainer):
+                exp.summary["eval/best_fid"], exp.summary["eval/best_fid_step"] = self.best
+            print(f"eval at step {step}: bits/dim {nll['eval/bpd']:.4f} ± "
+                  f"{nll['eval/bpd_se']:.4f} ({nll['eval/nll_seconds']:.0f} s)", flush=True)
+        return {"eval/fid": fid, **metrics}
+
+    def evaluate_nll(self, trainer, pl_module) -> dict:
+        """The bits/dim estimate over all ranks (batch k of the subset on rank k mod W)."""
+        from .likelihood import bits_per_dim_estimate
+
+        start = time.perf_counter()
+        data = trainer.datamodule.val_set
+        n = min(self.nll_images, len(data))
+        device, net = pl_module.device, pl_module.eval_model
+        was_training = net.training
+        net.eval()
+        sums = torch.zeros(4 + self.nll_timesteps, dtype=torch.float64)  # Σ total, Σ total², …
+        count = torch.zeros((), dtype=torch.float64)
+        try:
+            for k, lo in enumerate(range(0, n, self.nll_batch_size)):
+                if k % trainer.world_size != trainer.global_rank:
+                    continue
+                idx = list(range(lo, min(lo + self.nll_batch_size, n)))
+                x0 = to_model_range(torch.stack([data[i] for i in idx]).to(device))
+                g = torch.Generator().manual_seed((self.seed + 1) * SEED_STRIDE + k)
+                out = bits_per_dim_estimate(pl_module.diffusion, net, x0, self.nll_timesteps, g)
+                parts = torch.stack([out["total"], out["total"] ** 2, out["prior"],
+                                     out["decoder"]], dim=1)
+                sums += torch.cat([parts, out["bands"]], dim=1).double().sum(0).cpu()
+                count += len(idx)
+        finally:
+            net.train(was_training)
+        if trainer.world_size > 1:
+            sums = trainer.strategy.reduce(sums.to(device), reduce_op="sum").cpu()
+            count = trainer.strategy.reduce(count.to(device), reduce_op="sum").cpu()
+        n = float(count)
+        mean = float(sums[0]) / n
+        var = max(float(sums[1]) / n - mean**2, 0.0) * n / max(n - 1, 1)
+        bands = sums[4:] / n
+        out = {"eval/bpd": mean, "eval/bpd_se": (var / n) ** 0.5,
+               "eval/prior_bpd": float(sums[2]) / n, "eval/vb_bpd": float(bands.sum()),
+               "eval/decoder_bpd": float(sums[3]) / n,
+               "eval/nll_seconds": time.perf_counter() - start}
+        out.update({f"eval/vb_band{k}": float(v) for k, v in enumerate(bands)})
+        return out
+
+
+def _wandb_runs(trainer):
+    """The W&B run objects of the trainer's WandbLoggers (rank zero)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    return [lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)]

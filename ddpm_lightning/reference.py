@@ -1,0 +1,164 @@
+"""Reference statistics (µ, Σ) of a dataset's Inception features, computed once and cached
+(no Lightning). The cache key, the file format and the image fingerprint: see
+``reference_stats``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import fid
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DDPM_FID_CACHE") or "~/.cache/ddpm_lightning/fid_stats").expanduser()
+
+
+def save_stats(path: str | os.PathLike, mu, sigma, **info) -> Path:
+    """Write (µ, Σ) and a JSON ``info`` record to ``path`` (.npz) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
+                     info=np.array(json.dumps(info, sort_keys=True)))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_stats(path: str | os.PathLike, info: dict | None = None):
+    """(µ, Σ) from a ``.npz`` with ``mu`` and ``sigma`` (ours, or e.g. the TTUR/ADM files).
+    With ``info`` given, return None when the file's record differs (a stale cache)."""
+    with np.load(Path(path).expanduser()) as f:
+        if info is not None:
+            stored = json.loads(str(f["info"])) if "info" in f else None
+            if stored != json.loads(json.dumps(info, sort_keys=True)):
+                return None
+        return f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+
+
+def _reference_set(source, split: str, max_images: int | None, name: str | None, seed: int = 0,
+                   fingerprint: bool = True):
+    """(dataset, indices, cache key, info) of the images that make the reference; ``info``
+    holds the images' fingerprint when there is a cache key and ``fingerprint`` is set (the
+    rank that reads and writes the cache)."""
+    from .data import DiffusionDataModule
+    from .datasets import NATIVE_CHANNELS
+
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"reference split={split!r} is unknown; use train (the paper's), val or test")
+    if isinstance(source, DiffusionDataModule):
+        source.setup("fit")
+        dataset = source.train_set if split == "train" else source.val_set
+        name, suffix = source.dataset, ""
+        info = {"dataset": name, "split": split, "image_size": source.image_size,
+                "channels": source.channels}
+        if source.channels != NATIVE_CHANNELS.get(name):
+            suffix += f"_c{source.channels}"
+        if source.dataset in ("embedded", "folder"):  # its own split: depends on seed, fraction
+            info.update(seed=source.seed, val_fraction=source.val_fraction)
+            suffix += f"_s{source.seed}v{source.val_fraction:g}"
+        if source.dataset == "folder":
+            info["root"] = str(Path(source.root).resolve())
+            suffix += "_" + hashlib.sha1(info["root"].encode()).hexdigest()[:8]
+    else:
+        dataset, suffix = source, ""
+        info = {"dataset": name, "split": split}
+    n = len(dataset)
+    first = dataset[0]
+    size = (first[0] if isinstance(first, (tuple, list)) else first).shape[-1]
+    info["image_size"] = int(size)
+    indices = torch.arange(n)
+    if max_images is not None and max_images < n:
+        g = torch.Generator().manual_seed(seed)  # a fixed random subset, not the first images
+        indices = torch.randperm(n, generator=g)[:max_images].sort().values
+        info["max_images"] = int(max_images)
+    info["num_images"] = len(indices)
+    content = dataset_fingerprint(dataset, indices.tolist()) if fingerprint and name else None
+    if content is not None:  # a dataset that changed under the same settings is recomputed
+        info["content"] = content
+    key = None
+    if name is not None:
+        key = f"{name}_{split}_{size}{suffix}" + (f"_n{len(indices)}" if len(indices) < n else "")
+    return dataset, indices.tolist(), key, info
+
+
+def dataset_fingerprint(dataset, indices: list[int]) -> str | None:
+    """A short hash of the reference images' contents: the pixels of an in-memory dataset,
+    or each file's path, size and modification time for a folder of images (reading every
+    image would cost as much as the features). None for other datasets (then the cache trusts
+    its key; ``recompute=True`` refreshes it)."""
+    from .datasets import ImageFolderDataset, TensorImageDataset
+
+    h = hashlib.sha1()
+    if isinstance(dataset, TensorImageDataset):
+        images = dataset.images.numpy()
+        chosen = images if len(indices) == len(images) else images[indices]
+        h.update(str(chosen.shape).encode())
+        h.update(np.ascontiguousarray(chosen).data)
+    elif isinstance(dataset, ImageFolderDataset):
+        for i in indices:
+            path = Path(dataset.files[i])
+            st = path.stat()
+            h.update(f"{path.resolve()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        h.update(f"{dataset.image_size}{dataset.mode}".encode())
+    else:
+        return None
+    return h.hexdigest()[:16]
+
+
+def _dataset_batches(dataset, indices: list[int], batch_size: int):
+    for i in range(0, len(indices), batch_size):
+        chunk = indices[i:i + batch_size]
+        if hasattr(dataset, "__getitems__"):
+            batch = dataset.__getitems__(chunk)
+        else:
+            batch = [dataset[j] for j in chunk]
+        if not isinstance(batch, torch.Tensor):
+            batch = torch.stack([b[0] if isinstance(b, (tuple, list)) else b for b in batch])
+        yield batch
+
+
+def _dataset_moments(dataset, indices, batch_size, device, weights_path, download):
+    moments = fid.FeatureMoments(device=device)
+    for batch in _dataset_batches(dataset, indices, batch_size):
+        moments.add(fid.inception_features(batch, batch_size, device, weights_path, download))
+    return moments
+
+
+def reference_stats(source, split: str = "train", max_images: int | None = None, *,
+                    name: str | None = None, batch_size: int = 32, device=None,
+                    weights_path=None, download: bool = False,
+                    cache: str | os.PathLike | None = None, recompute: bool = False):
+    """(µ, Σ) of a dataset's Inception features, computed once and cached.
+
+    ``source`` is a ``DiffusionDataModule`` (the cache key comes from its dataset name,
+    image size, channels and, for embedded/folder, its split settings) or any dataset of
+    uint8 [C, H, W] images (then ``name`` keys the cache; without it nothing is cached).
+    ``split``: "train" (the paper's protocol), or "val"/"test" (the datamodule's held-out
+    set, which is the official test split for MNIST, Fashion-MNIST and CIFAR-10).
+    ``max_images`` uses a fixed random subset. The file is
+    ``{cache or $DDPM_FID_CACHE}/{dataset}_{split}_{size}[_n{max_images}].npz``; it records a
+    fingerprint of the images (``dataset_fingerprint``), and a file whose images have changed
+    since is recomputed and overwritten.
+    """
+    dataset, indices, key, info = _reference_set(source, split, max_images, name)
+    path = None if key is None else Path(cache or cache_dir()).expanduser() / f"{key}.npz"
+    if path is not None and path.is_file() and not recompute:
+        stats = load_stats(path, info)
+        if stats is not None:
+            return stats
+    stats = _dataset_moments(dataset, indices, batch_size, device, weights_path, download).stats()
+    if path is not None:
+        save_stats(path, *stats, **info)
+    return stats

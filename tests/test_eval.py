@@ -1,0 +1,71 @@
+"""callbacks=eval on a tiny run: its keys in the CSV log, its W&B metric definitions and summary,
+and the same noise in every job."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from ddpm_lightning.wandb_records import find_runs, read_run
+
+from helpers import TINY, read_metrics, run_script, series
+
+EVAL = ["callbacks=eval", "callbacks.eval.every_n_steps=2", "callbacks.eval.num_samples=6",
+        "callbacks.eval.batch_size=4", "callbacks.eval.reference.max_images=16",
+        "callbacks.eval.nll_images=10", "callbacks.eval.nll_batch_size=4",
+        "callbacks.eval.nll_timesteps=5", "callbacks.eval.inception_batch_size=16",
+        "++callbacks.eval.sampler.steps=5"]
+
+
+@pytest.fixture
+def env(tmp_path, weights):
+    home = tmp_path / "torch_home"
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    (home / "hub" / "checkpoints" / weights.name).symlink_to(weights)
+    return {"TORCH_HOME": str(home), "DDPM_FID_CACHE": str(tmp_path / "stats")}
+
+
+def _eval_rows(run):
+    rows = read_metrics(run)
+    return {k: series(rows, k) for k in ("eval/fid", "eval/bpd", "eval/bpd_se", "eval/seconds",
+                                          "eval/vb_band0", "eval/vb_band4", "eval/vb_bpd")}
+
+
+def test_eval_logs_fid_and_bits_per_dim(tmp_path, env):
+    run = tmp_path / "run"
+    proc = run_script("train.py", *TINY, *EVAL, f"hydra.run.dir={run}", "trainer.max_steps=4",
+                      env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = _eval_rows(run)
+    for key, values in got.items():
+        assert [s for s, _ in values] == [2, 4], (key, values)
+        assert all(math.isfinite(v) for _, v in values)
+    (_, bpd), (_, se) = got["eval/bpd"][-1], got["eval/bpd_se"][-1]
+    assert bpd > 0 and 0 < se < bpd
+    bands = [v for k, vals in got.items() if k.startswith("eval/vb_band") for _, v in vals[-1:]]
+    assert sum(bands) <= got["eval/vb_bpd"][-1][1] + 1e-6  # two of the five bands
+    # the same job again: the same samples and the same (t, ε), so the same numbers
+    again = tmp_path / "again"
+    proc = run_script("train.py", *TINY, *EVAL, f"hydra.run.dir={again}",
+                      "trainer.max_steps=4", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _eval_rows(again)["eval/bpd"] == got["eval/bpd"]
+    assert _eval_rows(again)["eval/fid"] == got["eval/fid"]
+
+
+def test_eval_under_wandb_defines_metrics_and_keeps_the_best_fid(tmp_path, env):
+    run = tmp_path / "run"
+    args = [a for a in TINY if not a.startswith("logger=")] + ["logger=wandb"]
+    proc = run_script("train.py", *args, *EVAL, f"hydra.run.dir={run}", "trainer.max_steps=4",
+                      env={**env, "WANDB_MODE": None, "WANDB_API_KEY": None,
+                           "NETRC": "/nonexistent", "HOME": str(tmp_path)}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (folder,) = find_runs(run / "wandb")
+    got = read_run(folder)
+    assert got["metrics"].get("eval/*") == "trainer/global_step", got["metrics"]
+    fids = [(h["trainer/global_step"], h["eval/fid"]) for h in got["history"] if "eval/fid" in h]
+    assert [s for s, _ in fids] == [2, 4]
+    best_step, best = min(fids, key=lambda sv: sv[1])
+    assert got["summary"]["eval/best_fid"] == pytest.approx(best)
+    assert got["summary"]["eval/best_fid_step"] == best_step
