@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from .report import side_by_side, stack_rows
+
 # name → (label, sampler settings). ddim "default" is the one this project ships (trailing
 # spacing, clip x̂₀ and keep the raw ε̂, the variant without speckle in the README's study);
 # "old" is what ddim meant before it (linspace, clip and re-derive ε̂).
@@ -104,28 +106,6 @@ def plot(results: dict, samplers, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def side_by_side(grids: dict[str, Path], path: Path) -> None:
-    """The per-sampler grid images next to each other, each under its sampler's label."""
-    from matplotlib import font_manager
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.truetype(font_manager.findfont("DejaVu Sans"), 13)  # has Greek letters
-    images = {s: Image.open(p).convert("RGB") for s, p in grids.items()}
-    if not images:
-        return
-    pad, label_h = 8, 28
-    width = sum(im.width for im in images.values()) + pad * (len(images) + 1)
-    height = max(im.height for im in images.values()) + label_h + 2 * pad
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    x = pad
-    for s, im in images.items():
-        draw.text((x, pad), s, fill="black", font=font)
-        canvas.paste(im, (x, pad + label_h))
-        x += im.width + pad
-    canvas.save(path)
 
 
 def load_results(path: Path, meta: dict) -> dict:
@@ -259,20 +239,6 @@ def write_report(args, entries: dict, out: Path) -> None:
             grids[SAMPLERS[s][0]] = out / f"grid_{s}.png"
             stack_rows(paths, grids[SAMPLERS[s][0]])
     side_by_side(grids, out / "grids.png")
-
-
-def stack_rows(paths, path: Path) -> None:
-    """Row images (one per NFE, in order) stacked top to bottom."""
-    from PIL import Image
-
-    images = [Image.open(p).convert("RGB") for p in paths]
-    canvas = Image.new("RGB", (max(im.width for im in images), sum(im.height for im in images)),
-                       "white")
-    y = 0
-    for im in images:
-        canvas.paste(im, (0, y))
-        y += im.height
-    canvas.save(path)
 
 
 def main(argv=None) -> None:
