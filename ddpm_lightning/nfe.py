@@ -32,16 +32,18 @@ import torch
 
 from .report import side_by_side, stack_rows
 
-# name → (label, sampler settings). ddim "default" is the one this project ships (trailing
-# spacing, clip x̂₀ and keep the raw ε̂, the variant without speckle in the README's study);
-# "old" is what ddim meant before it (linspace, clip and re-derive ε̂).
+# name → (label, sampler settings); the DDIM entries name their clip, whose default changed
+# (rederive → raw_eps), so that an entry means the same before and after. "ddim0"/"ddim1" are DDIM as this project ships
+# it (trailing spacing; clip x̂₀ and keep the raw ε̂); "_old" is what DDIM meant before
+# (linspace, clip and re-derive ε̂).
 SAMPLERS = {
     "ddpm_small": ("ddpm, σ² = β̃_t (small)", {"name": "ddpm", "variance": "small"}),
     "ddpm_large": ("ddpm, σ² = β_t (large)", {"name": "ddpm", "variance": "large"}),
-    "ddim0": ("ddim η = 0, raw ε̂, trailing", {"name": "ddim", "clip": "raw_eps"}),
+    "ddim0": ("ddim η = 0 (default: raw ε̂, trailing)", {"name": "ddim", "clip": "raw_eps"}),
     "ddim0_old": ("ddim η = 0, re-derived ε̂, linspace (old)",
                   {"name": "ddim", "clip": "rederive", "spacing": "linspace"}),
-    "ddim1": ("ddim η = 1, raw ε̂, trailing", {"name": "ddim", "eta": 1.0, "clip": "raw_eps"}),
+    "ddim1": ("ddim η = 1 (default: raw ε̂, trailing)",
+              {"name": "ddim", "eta": 1.0, "clip": "raw_eps"}),
     "ddim1_old": ("ddim η = 1, re-derived ε̂, linspace (old)",
                   {"name": "ddim", "eta": 1.0, "clip": "rederive", "spacing": "linspace"}),
     "dpm_ode": ("dpm_solver++ 2M, ODE", {"name": "dpm_solver", "sde": False}),

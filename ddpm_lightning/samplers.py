@@ -113,11 +113,12 @@ def chain_for(model, diffusion: GaussianDiffusion, steps, spacing):
     return _TimestepMap(model, seq), respace(diffusion, seq)
 
 
-def denoise(chain: GaussianDiffusion, net, x, t, clip: str = "rederive", variance=None):
+def denoise(chain: GaussianDiffusion, net, x, t, clip: str = "raw_eps", variance=None):
     """One network call: p_θ(x_{t−1} | x_t) and the predictions, after ``clip``:
 
-    rederive  clip x̂_0 to [−1, 1] and re-derive ε̂ from it (improved-diffusion's way);
-    raw_eps   clip x̂_0 but keep the network's own ε̂ (diffusers' DDIM default);
+    raw_eps   clip x̂_0 to [−1, 1] but keep the network's own ε̂ (diffusers' DDIM default, and
+              this project's: the DDIM variant without speckle in the README's study);
+    rederive  clip x̂_0 and re-derive ε̂ from it (improved-diffusion's way; the default before);
     none      neither (the DDIM paper's code);
     dynamic   Imagen's dynamic thresholding: s = max(1, the 99.5th percentile of |x̂_0|) per
               image, x̂_0 ← clip(x̂_0, −s, s) / s, and ε̂ re-derived.
@@ -153,7 +154,7 @@ def sample(
     eta: float = 0.0,
     spacing: str = DEFAULT_SPACING,
     variance: str | None = None,
-    clip: str = "rederive",
+    clip: str = "raw_eps",
     order: int = 2,
     sde: bool = False,
     final: str = "zero",
@@ -273,7 +274,7 @@ class SamplerSettings:
     eta: float = 0.0
     spacing: str = DEFAULT_SPACING
     variance: str | None = None
-    clip: str = "rederive"
+    clip: str = "raw_eps"
     order: int = 2
     sde: bool = False
     final: str = "zero"
