@@ -75,6 +75,20 @@ def test_paper_recipe_is_exact():
     assert cfg.data.dataset == "cifar10"
 
 
+@pytest.mark.parametrize("experiment", ["cpu_embedded", "fashion_mnist_cpu"])
+def test_cpu_recipes_sample_with_the_fast_default(experiment):
+    """module.sampler (grids, sample.py) of the CPU recipes is the study's best sampler per
+    NFE; callbacks=fid and callbacks=eval use it too (the paper recipe keeps DDPM-1000)."""
+    cfg = _compose(f"experiment={experiment}")
+    s = cfg.module.sampler
+    assert (s.name, s.sde, s.steps, s.clip) == ("dpm_solver", True, 50, "raw_eps")
+    assert not cfg.callbacks.sample_grid.get("sampler")
+    for option, steps in (("fid", 50), ("eval", 20)):
+        fast = _compose(f"experiment={experiment}", f"callbacks={option}").callbacks[option]
+        assert (fast.sampler.name, fast.sampler.sde, fast.sampler.steps) == \
+            ("dpm_solver", True, steps)
+
+
 GROUP_OPTIONS = [(g, o) for g, o in OPTIONS if g != "experiment"]
 
 

@@ -51,7 +51,7 @@ RULES = {
     "module.ema_decay": lambda v: _finite(v) and 0 <= v < 1,
     "module.timesteps.history": int_ge(1),
     "module.timesteps.uniform_prob": lambda v: _finite(v) and 0 < v <= 1,
-    "module.sampler.eta": lambda v: _finite(v) and v >= 0,
+    "module.sampler.eta": lambda v: v == 0,  # the CPU recipe samples with dpm_solver: no η
     "module.sampler.order": lambda v: _is_int(v) and v in (1, 2),
     "module.check_every_n_steps": int_ge(1),
     "module.sampler.steps": lambda v: _is_int(v) and 1 <= v <= 20,  # T = 20 below
