@@ -83,36 +83,44 @@ def history(job: Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-def _plot_lines(series: dict[str, list], path: Path, ylabel: str, title: str) -> bool:
+def _figure(ncols: int, size):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not any(series.values()):
-        return False
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name, points in series.items():
-        if points:
-            ax.plot(*zip(*points), marker="o", label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, ncols, figsize=size)
+    return fig, list(np.atleast_1d(axes))
+
+
+def _save(fig, axes, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_lines(series: dict[str, list], path: Path, ylabel: str, title: str) -> bool:
+    if not any(series.values()):
+        return False
+    fig, (ax,) = _figure(1, (6.5, 4))
+    for name, points in series.items():
+        if points:
+            ax.plot(*zip(*points), marker="o", label=name)
+    ax.set(xlabel="step", ylabel=ylabel)
+    ax.set_title(title, fontsize=9)
+    _save(fig, [ax], path)
     return True
 
 
 def _plot_bands(hist: dict, names: dict, path: Path) -> bool:
-    import matplotlib
+    from matplotlib.ticker import MaxNLocator
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = _figure(2, (10, 3.8))
     drawn = False
     for job, name in names.items():
         h = hist[job]
@@ -129,31 +137,20 @@ def _plot_bands(hist: dict, names: dict, path: Path) -> bool:
     axes[0].set(xlabel="t-band (strata of t, increasing)", ylabel="bits/dim in the band",
                 title="the bound per t-band, last evaluation")
     axes[0].set_yscale("log")
-    from matplotlib.ticker import MaxNLocator
-
-    for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[1].set(xlabel="quarter of t (0: t < T/4)", ylabel="loss",
                 title="training loss per quarter of t, last window")
     for ax in axes:
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _save(fig, axes, path)
     return drawn
 
 
 def _plot_schedules(jobs: dict[Path, str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import yaml
 
     from .schedules import make_beta_schedule
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = _figure(2, (10, 3.8))
     for job, name in jobs.items():
         schedule = dict(yaml.safe_load((job / "config.yaml").read_text())["schedule"])
         schedule.pop("_target_", None)
@@ -163,12 +160,7 @@ def _plot_schedules(jobs: dict[Path, str], path: Path) -> None:
         axes[1].plot(np.log(abar / (1 - abar)), label=name)
     axes[0].set(xlabel="t", ylabel="ᾱ_t", title="ᾱ_t")
     axes[1].set(xlabel="t", ylabel="log SNR", title="log-SNR(t) = log ᾱ_t / (1 − ᾱ_t)")
-    for ax in axes:
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, axes, path)
 
 
 def _fmt(value, digits=2) -> str:
