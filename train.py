@@ -22,13 +22,13 @@ from ddpm_lightning.checkpoint import (
 from ddpm_lightning.loggers import finish_wandb, make_loggers
 
 
-def build(cfg: DictConfig):
-    """Instantiate everything (no data is loaded here), so bad configs fail before any work."""
+def build(cfg: DictConfig, hc, run_dir: Path):
+    """Instantiate everything (no data is loaded here), so bad configs fail before any work.
+    ``hc`` is the Hydra config of the job and ``run_dir`` its output folder; importable, and
+    tested in-process with a composed config."""
     import lightning as L
     from hydra.utils import instantiate
 
-    hc = HydraConfig.get()
-    run_dir = Path(hc.runtime.output_dir)
     resume_ckpt = runtime.find_resume_checkpoint(cfg.resume, run_dir, run_dir.parent)
     if resume_ckpt is not None and resume_ckpt.parent.name == "checkpoints":
         run_dir = resume_ckpt.parent.parent  # keep writing into the run that is resumed
@@ -55,23 +55,7 @@ def build(cfg: DictConfig):
         del ckpt
     datamodule = instantiate(cfg.data)
     datamodule.check_source()
-    want_out = model.in_channels * (2 if module.diffusion.learned_variance else 1)
-    if model.out_channels != want_out:
-        raise runtime.ConfigError(
-            f"model.out_channels={model.out_channels} does not fit "
-            f"module.variance={module.diffusion.variance!r}, which needs {want_out} "
-            f"({'2 × ' if want_out != model.in_channels else ''}in_channels)"
-        )
-    if datamodule.hparams.image_size != model.image_size:
-        raise runtime.ConfigError(
-            f"data.image_size={datamodule.hparams.image_size} does not match "
-            f"model.image_size={model.image_size}"
-        )
-    if datamodule.hparams.get("channels", model.in_channels) != model.in_channels:
-        raise runtime.ConfigError(
-            f"data.channels={datamodule.hparams.channels} does not match "
-            f"model.in_channels={model.in_channels}"
-        )
+    module.check_data(datamodule)
 
     callbacks = []
     for key, cb_cfg in (cfg.get("callbacks") or {}).items():
@@ -111,7 +95,8 @@ def main(cfg: DictConfig) -> None:
 def _run(cfg: DictConfig, hc) -> bool:
     """Build and fit; True if the job failed (diverged, or a checkpoint could not be saved)."""
     try:
-        module, datamodule, trainer, resume_ckpt, run_dir = build(cfg)
+        module, datamodule, trainer, resume_ckpt, run_dir = build(
+            cfg, hc, Path(hc.runtime.output_dir))
     except (ValueError, FileNotFoundError, TypeError, InstantiationException,
             MisconfigurationException) as err:
         runtime.fail_before_work(err, Path(hc.runtime.output_dir))

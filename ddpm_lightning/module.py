@@ -130,6 +130,24 @@ class DDPM(L.LightningModule):
         self._own_rng_restored = False
         self._watch: dict[str, torch.Tensor] | None = None  # device-side checks, see below
 
+    def check_data(self, datamodule) -> None:
+        """The network against the data it is given, and against the variance it must
+        predict: a one-line ``ValueError`` naming both keys."""
+        model = self.model
+        want_out = model.in_channels * (2 if self.diffusion.learned_variance else 1)
+        if model.out_channels != want_out:
+            raise ValueError(
+                f"model.out_channels={model.out_channels} does not fit "
+                f"module.variance={self.diffusion.variance!r}, which needs {want_out} "
+                f"({'2 × ' if want_out != model.in_channels else ''}in_channels)"
+            )
+        if datamodule.image_size != model.image_size:
+            raise ValueError(f"data.image_size={datamodule.image_size} does not match "
+                             f"model.image_size={model.image_size}")
+        if datamodule.channels != model.in_channels:
+            raise ValueError(f"data.channels={datamodule.channels} does not match "
+                             f"model.in_channels={model.in_channels}")
+
     # ------------------------------------------------------------- networks
     @property
     def eval_model(self) -> nn.Module:

@@ -187,3 +187,48 @@ def test_wandb_falls_back_to_offline(tmp_path):
     blob = b"".join(p.read_bytes() for p in offline[0].glob("*.wandb"))
     for key in (b"train/loss", b"train/loss_q0", b"samples", b"cpu_embedded:", b"schedule=cosine"):
         assert key in blob, key
+
+
+def _composed(tmp_path, *overrides):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from helpers import ROOT
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*TINY, f"hydra.run.dir={tmp_path}", *overrides],
+                      return_hydra_config=True)
+    hc = cfg.hydra
+    with open_dict(cfg):
+        del cfg["hydra"]  # the job's config, as train.main receives it
+    return cfg, hc
+
+
+def test_build_in_process(tmp_path):
+    """train.build wires the composed config into (module, data, trainer) without Hydra's
+    runtime, and a config whose groups do not fit fails in it with one line."""
+    import sys
+
+    import lightning as L
+
+    from helpers import ROOT
+
+    sys.path.insert(0, str(ROOT))
+    import train
+    from ddpm_lightning.data import DiffusionDataModule
+    from ddpm_lightning.evaluation import FIDCallback
+    from ddpm_lightning.module import DDPM
+
+    module, data, trainer, resume, run_dir = train.build(
+        *_composed(tmp_path, "trainer.max_steps=7"), tmp_path)
+    assert isinstance(module, DDPM) and isinstance(data, DiffusionDataModule)
+    assert isinstance(trainer, L.Trainer) and trainer.max_steps == 7 and resume is None
+    assert run_dir == tmp_path and module.diffusion.num_timesteps == 50
+    assert module.sampler.name == "dpm_solver" and module.sampler.steps == 5
+    assert not any(isinstance(cb, FIDCallback) for cb in trainer.callbacks)
+    with pytest.raises(ValueError, match=r"^data.image_size=32 does not match "
+                                         r"model.image_size=16$"):
+        train.build(*_composed(tmp_path, "data.image_size=32"), tmp_path)
+    with pytest.raises(ValueError, match=r"^callbacks.fid.sampler.steps=99 is invalid"):
+        train.build(*_composed(tmp_path, "callbacks=fid", "++callbacks.fid.sampler.steps=99"),
+                    tmp_path)
