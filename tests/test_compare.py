@@ -25,6 +25,7 @@ def sweep(tmp_path, weights):
     return sweep
 
 
+@pytest.mark.slow
 def test_report_of_a_sweep(sweep, capsys):
     compare.main([str(sweep)])
     out = sweep / "compare"

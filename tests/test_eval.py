@@ -48,6 +48,7 @@ def _csv_run(tmp_path, env):
     return got
 
 
+@pytest.mark.slow
 def test_eval_logs_fid_and_bits_per_dim_and_under_wandb_keeps_the_best(tmp_path, env):
     csv = _csv_run(tmp_path, env)
     run = tmp_path / "wb"

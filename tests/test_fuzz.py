@@ -138,9 +138,10 @@ def test_random_invalid_values_never_succeed_silently(train_entry, tmp_path, mon
             cfg.hydra.runtime.output_dir = str(tmp_path / name)
             cfg.hydra.job.num = 0
         HydraConfig.instance().set_config(cfg)
+        hc = HydraConfig.get()
         with open_dict(cfg):
             del cfg["hydra"]  # as in a real run, the job's config has no hydra node
-        _, datamodule, _, _, _ = train_entry.build(cfg)
+        _, datamodule, _, _, _ = train_entry.build(cfg, hc, tmp_path / name)
         datamodule.setup("fit")
 
     build(_compose(BASE), "control")  # the harness itself accepts a valid config
