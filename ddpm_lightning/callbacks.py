@@ -11,6 +11,7 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_only
 
 from .generate import generate
+from .inference import eval_mode
 from .samplers import SamplerSettings
 
 
@@ -77,17 +78,12 @@ class SamplingCallback(EveryNSteps):
         the one sample.py uses: the same noise in every run, on any number of ranks."""
         if self.settings is None:
             self.check_module(pl_module)
-        net = pl_module.eval_model
-        was_training = net.training
-        net.eval()
         model = pl_module.model
         shape = (model.in_channels, model.image_size, model.image_size)
-        try:
+        with eval_mode(pl_module.eval_model) as net:
             return generate(net, pl_module.diffusion, num, batch_size, shape, seed=seed,
                             rank=rank, world_size=world_size, device=pl_module.device,
                             settings=self.settings)
-        finally:
-            net.train(was_training)
 
 
 class SampleGrid(SamplingCallback):

@@ -13,7 +13,8 @@ import torch
 from .callbacks import SamplingCallback
 from .data import to_model_range
 from .fid import FeatureMoments, fid_from_stats, inception_features, resolve_weights
-from .generate import SEED_STRIDE
+from .generate import SEED_STRIDE, batch_plan
+from .inference import eval_mode
 from .reference import _dataset_moments, _reference_set, cache_dir, load_stats, save_stats
 
 
@@ -265,25 +266,19 @@ class EvalCallback(FIDCallback):
         start = time.perf_counter()
         data = trainer.datamodule.val_set
         n = min(self.nll_images, len(data))
-        device, net = pl_module.device, pl_module.eval_model
-        was_training = net.training
-        net.eval()
+        device = pl_module.device
         sums = torch.zeros(4 + self.nll_timesteps, dtype=torch.float64)  # Σ total, Σ total², …
         count = torch.zeros((), dtype=torch.float64)
-        try:
-            for k, lo in enumerate(range(0, n, self.nll_batch_size)):
-                if k % trainer.world_size != trainer.global_rank:
-                    continue
-                idx = list(range(lo, min(lo + self.nll_batch_size, n)))
-                x0 = to_model_range(torch.stack([data[i] for i in idx]).to(device))
+        plan = batch_plan(n, self.nll_batch_size, trainer.global_rank, trainer.world_size)
+        with eval_mode(pl_module.eval_model) as net:
+            for k, lo, size in plan:
+                x0 = to_model_range(torch.stack([data[i] for i in range(lo, lo + size)]).to(device))
                 g = torch.Generator().manual_seed((self.seed + 1) * SEED_STRIDE + k)
                 out = bits_per_dim_estimate(pl_module.diffusion, net, x0, self.nll_timesteps, g)
                 parts = torch.stack([out["total"], out["total"] ** 2, out["prior"],
                                      out["decoder"]], dim=1)
                 sums += torch.cat([parts, out["bands"]], dim=1).double().sum(0).cpu()
-                count += len(idx)
-        finally:
-            net.train(was_training)
+                count += size
         if trainer.world_size > 1:
             sums = trainer.strategy.reduce(sums.to(device), reduce_op="sum").cpu()
             count = trainer.strategy.reduce(count.to(device), reduce_op="sum").cpu()

@@ -5,21 +5,18 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .inference import eval_mode
+
 
 @torch.no_grad()
 def forward_flops_per_image(net: torch.nn.Module, image_shape, device) -> int:
     """FLOPs of one forward pass of ``net`` on one image of ``image_shape`` (C, H, W), in eval
     mode (dropout off, so no random numbers are drawn); a multiply-add counts as 2."""
-    was_training = net.training
-    net.eval()
-    try:
-        x = torch.zeros((1, *image_shape), device=device)
-        t = torch.zeros(1, dtype=torch.long, device=device)
-        with FlopCounterMode(display=False) as counter:
-            net(x, t)
-        return int(counter.get_total_flops())
-    finally:
-        net.train(was_training)
+    x = torch.zeros((1, *image_shape), device=device)
+    t = torch.zeros(1, dtype=torch.long, device=device)
+    with eval_mode(net), FlopCounterMode(display=False) as counter:
+        net(x, t)
+    return int(counter.get_total_flops())
 
 
 def train_flops_per_image(net: torch.nn.Module, image_shape, device) -> int:

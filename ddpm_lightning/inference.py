@@ -7,6 +7,8 @@ stays in full precision.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 
@@ -36,6 +38,17 @@ class InferenceNet(torch.nn.Module):
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = self._forward(x, t)
         return out.float().contiguous()
+
+
+@contextmanager
+def eval_mode(net: torch.nn.Module):
+    """``net`` in eval mode inside the block, in its earlier mode after it."""
+    was_training = net.training
+    net.eval()
+    try:
+        yield net
+    finally:
+        net.train(was_training)
 
 
 def prepare(net: torch.nn.Module, channels_last: bool = True, bf16: bool = False,
