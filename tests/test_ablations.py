@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
+import paper_bound
 import pytest
 import torch
 
@@ -14,8 +17,14 @@ from ddpm_lightning.unet import UNet
 
 from helpers import TINY, run_script
 
-ROWS = ["mu_vlb_learned", "mu_vlb_fixed", "mu_mse", "eps_vlb_learned", "eps_vlb_fixed",
-        "eps_simple"]
+ROWS = [
+    "mu_vlb_learned",
+    "mu_vlb_fixed",
+    "mu_mse",
+    "eps_vlb_learned",
+    "eps_vlb_fixed",
+    "eps_simple",
+]
 
 
 def _data(seed=0, shape=(4, 1, 8, 8)):
@@ -52,47 +61,93 @@ def test_learned_range_endpoints_are_exact():
         assert torch.equal(got, want), v
 
 
-@pytest.mark.parametrize("param, variance", [("eps", "fixed_large"), ("mu", "fixed_small"),
-                                             ("x0", "learned"), ("eps", "learned_range")])
-def test_vlb_training_loss_equals_the_bits_per_dim_term(param, variance):
-    """The vlb loss at t is the term L_{t-1} of bits_per_dim, both in bits per dimension."""
-    torch.manual_seed(0)
-    learned = variance.startswith("learned")
-    net = UNet(in_channels=1, out_channels=2 if learned else 1, ch=32, ch_mult=(1, 2),
-               num_res_blocks=1, attn_resolutions=(4,), image_size=8, dropout=0.0)
-    torch.nn.init.normal_(net.conv_out.weight, std=0.05)  # a non-trivial output
-    d = GaussianDiffusion(make_beta_schedule("linear", 10, beta_end=0.2), parameterization=param,
-                          variance=variance, objective="vlb")
-    x0 = torch.randint(0, 256, (3, 1, 8, 8)).float() / 127.5 - 1
-    noise = torch.randn_like(x0)
-    with torch.no_grad():
-        bpd = d.bits_per_dim(net, x0, clip_denoised=False, noise=noise)
-        for t in range(10):
-            loss, _ = d.training_loss(net, x0, t=torch.full((3,), t), noise=noise)
-            assert torch.allclose(loss, bpd["terms"][:, t], rtol=1e-5, atol=1e-6), t
+def _net(param, learned):
+    """A fixed network output: the prediction, then v (log σ², or the interpolation weight).
+    An ε̂ of tanh(x_t)·(0.3 + 0.05 t); an x̂_0 or µ of x_t + 0.05 t·tanh(x_t), near the data."""
+
+    def torch_net(x_t, t):
+        s = t.view(-1, 1, 1, 1)
+        pred = (
+            torch.tanh(x_t) * (0.3 + 0.05 * s)
+            if param == "eps"
+            else x_t + 0.05 * s * torch.tanh(x_t)
+        )
+        if learned == "learned":
+            return torch.cat([pred, -4 + 0.2 * torch.sin(x_t)], dim=1)
+        if learned == "learned_range":
+            return torch.cat([pred, 0.5 + 0.4 * torch.sin(x_t)], dim=1)
+        return pred
+
+    def ref_net(x_t, t):
+        pred = [
+            math.tanh(x) * (0.3 + 0.05 * t) if param == "eps" else x + 0.05 * t * math.tanh(x)
+            for x in x_t
+        ]
+        if learned == "learned":
+            return pred + [-4 + 0.2 * math.sin(x) for x in x_t]
+        if learned == "learned_range":
+            return pred + [0.5 + 0.4 * math.sin(x) for x in x_t]
+        return pred
+
+    return torch_net, ref_net
 
 
-def test_hybrid_trains_the_variance_only_through_the_bound():
-    torch.manual_seed(0)
-    net = UNet(in_channels=1, out_channels=2, ch=32, ch_mult=(1, 2), num_res_blocks=1,
-               attn_resolutions=(4,), image_size=8, dropout=0.0)
-    d = GaussianDiffusion(make_beta_schedule("linear", 10), variance="learned_range",
-                          objective="hybrid")
-    simple = GaussianDiffusion(make_beta_schedule("linear", 10))
-    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
-    noise, t = torch.randn_like(x0), torch.tensor([0, 3, 6, 9])
-    hybrid, _ = d.training_loss(net, x0, t=t, noise=noise)
-    mse, _ = simple.training_loss(lambda x, s: net(x, s)[:, :1], x0, t=t, noise=noise)
-    assert torch.all(hybrid >= mse - 1e-6) and not torch.allclose(hybrid, mse)
+@pytest.mark.parametrize(
+    "param, variance",
+    [
+        ("eps", "fixed_large"),
+        ("mu", "fixed_small"),
+        ("x0", "learned"),
+        ("eps", "learned_range"),
+        ("x0", "fixed_large"),
+        ("mu", "learned_range"),
+    ],
+)
+def test_vlb_training_loss_is_the_paper_bound_term(param, variance):
+    """The vlb loss at t equals L_{t−1} of the bound re-derived from the paper's formulas in
+    float64 (tests/paper_bound.py), for each parameterization and variance."""
+    torch_net, ref_net = _net(param, variance if variance.startswith("learned") else None)
+    betas = paper_bound.linear_betas(10, 1e-4, 0.2)
+    d = GaussianDiffusion(
+        make_beta_schedule("linear", 10, beta_end=0.2),
+        parameterization=param,
+        variance=variance,
+        objective="vlb",
+    )
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randint(0, 256, (2, 1, 2, 2), generator=g).double() / 127.5 - 1
+    x0[0, 0, 0] = torch.tensor([-1.0, 1.0], dtype=torch.float64)  # both edge bins of L_0
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    want = [
+        paper_bound.bound_terms(
+            betas, x0[i].flatten().tolist(), noise[i].flatten().tolist(), ref_net, param, variance
+        )[1]
+        for i in range(2)
+    ]
+    for t in range(10):
+        loss, _ = d.training_loss(torch_net, x0, t=torch.full((2,), t), noise=noise)
+        np.testing.assert_allclose(loss.numpy(), [w[t] for w in want], rtol=1e-6, err_msg=t)
 
 
 @pytest.mark.parametrize("variance", ["learned", "learned_range"])
 def test_samplers_and_bpd_run_with_a_learned_variance(variance):
     torch.manual_seed(0)
-    net = UNet(in_channels=1, out_channels=2, ch=32, ch_mult=(1, 2), num_res_blocks=1,
-               attn_resolutions=(4,), image_size=8, dropout=0.0).eval()
+    net = UNet(
+        in_channels=1,
+        out_channels=2,
+        ch=32,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(4,),
+        image_size=8,
+        dropout=0.0,
+    ).eval()
     d = GaussianDiffusion(make_beta_schedule("linear", 20), variance=variance, objective="vlb")
-    for kwargs in (dict(sampler="ddpm"), dict(sampler="ddpm", steps=5), dict(sampler="ddim", steps=5)):
+    for kwargs in (
+        dict(sampler="ddpm"),
+        dict(sampler="ddpm", steps=5),
+        dict(sampler="ddim", steps=5),
+    ):
         x = sample(net, d, (2, 1, 8, 8), device="cpu", **kwargs)
         assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
     x0 = torch.rand(2, 1, 8, 8) * 2 - 1
@@ -102,18 +157,29 @@ def test_samplers_and_bpd_run_with_a_learned_variance(variance):
 @pytest.mark.slow
 def test_table2_sweep_trains_every_row(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_script("train.py", "-m", "experiment=cifar10_table2", *TINY,
-                      "data=embedded", "model.in_channels=1", "trainer.accelerator=cpu",
-                      "trainer.precision=32-true", "trainer.max_steps=50",
-                      "module.warmup_steps=10", f"hydra.sweep.dir={sweep}", timeout=900)
+    proc = run_script(
+        "train.py",
+        "-m",
+        "experiment=cifar10_table2",
+        *TINY,
+        "data=embedded",
+        "model.in_channels=1",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32-true",
+        "trainer.max_steps=50",
+        "module.warmup_steps=10",
+        f"hydra.sweep.dir={sweep}",
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert len(jobs) == 6
     names = set()
     for job in jobs:
         cfg = (job / "config.yaml").read_text()
-        names.add(next(line.split(": ")[1] for line in cfg.splitlines()
-                       if line.startswith("job_name:")))
+        names.add(
+            next(line.split(": ")[1] for line in cfg.splitlines() if line.startswith("job_name:"))
+        )
         ckpt = torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)
         assert ckpt["global_step"] == 50
         losses = [v for k, v in ckpt["state_dict"].items() if v.is_floating_point()]
@@ -122,9 +188,16 @@ def test_table2_sweep_trains_every_row(tmp_path):
 
 
 def test_learned_variance_needs_twice_the_channels(tmp_path):
-    proc = run_script("train.py", *TINY, f"hydra.run.dir={tmp_path / 'r'}",
-                      "module.variance=learned", "module.objective=vlb")
+    proc = run_script(
+        "train.py",
+        *TINY,
+        f"hydra.run.dir={tmp_path / 'r'}",
+        "module.variance=learned",
+        "module.objective=vlb",
+    )
     assert proc.returncode == 1
-    assert "model.out_channels=1 does not fit module.variance='learned', which needs 2" in \
-        proc.stderr.strip().splitlines()[-1]
+    assert (
+        "model.out_channels=1 does not fit module.variance='learned', which needs 2"
+        in proc.stderr.strip().splitlines()[-1]
+    )
     assert not Path(tmp_path / "r").exists()

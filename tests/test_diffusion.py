@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import paper_bound
 import pytest
 import torch
 
@@ -103,11 +104,16 @@ def test_discretized_likelihood_sums_to_one(mean, log_scale):
     assert torch.exp(logp).sum().item() == pytest.approx(1.0, abs=1e-6)
 
 
-def test_prior_term_is_about_1e5_bits_per_dim(diffusion):
+def test_prior_term_is_the_closed_form_kl_to_the_standard_normal(diffusion):
+    """L_T = KL(N(√ᾱ_T x_0, 1 − ᾱ_T) ‖ N(0, 1)) / ln 2 per pixel, ≈ ᾱ_T·E[x²]/(2 ln 2) ≈ 9.7e-6 here."""
     x0 = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     lt = diffusion.prior_bpd(x0)
     assert lt.shape == (64,)
-    assert 3e-6 < lt.mean().item() < 3e-5
+    a = GOLDEN[999][0]  # ᾱ_T in 50-digit arithmetic
+    x = x0.double()
+    want = (0.5 * (-1 - math.log(1 - a) + (1 - a) + a * x**2)).mean(dim=(1, 2, 3)) / math.log(2)
+    torch.testing.assert_close(lt.double(), want, rtol=1e-4, atol=0)
+    assert lt.mean().item() == pytest.approx(9.70e-6, rel=0.01)
 
 
 def _oracle(diffusion, x0, noise):
@@ -166,18 +172,47 @@ def test_uniform_timesteps_cover_the_range():
     assert counts.numel() == 10 and (counts / 20_000 - 0.1).abs().max() < 0.01
 
 
-def test_bits_per_dim_parts_add_up_and_oracle_is_small():
-    d = GaussianDiffusion(make_beta_schedule("linear", 50, beta_end=0.2))
-    x0 = (torch.randint(0, 256, (3, 1, 4, 4)).float() / 127.5 - 1.0)
+# Bin centres that reach both edge bins, and a fixed ε: two 1×2×2 images.
+_PIXELS = [0, 255, 3, 100, 128, 200, 17, 250]
 
-    def zero(x_t, t):
-        return torch.zeros_like(x_t)
 
-    out = d.bits_per_dim(zero, x0)
-    assert out["terms"].shape == (3, 50)
+def _bound_inputs():
+    x0 = torch.tensor([k / 127.5 - 1 for k in _PIXELS], dtype=torch.float64).view(2, 1, 2, 2)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    return x0, eps
+
+
+def _eps_net(x_t, t):
+    """A fixed, non-trivial ε̂(x_t, t), written once for torch and once for the reference."""
+    return torch.tanh(x_t) * (0.3 + 0.07 * t.view(-1, 1, 1, 1)) + 0.1
+
+
+def _eps_net_ref(x_t, t):
+    return [math.tanh(x) * (0.3 + 0.07 * t) + 0.1 for x in x_t]
+
+
+# bits/dim of each image under _eps_net, from paper_bound.py (T = 10, β from 1e-4 to 0.2).
+GOLDEN_BPD = {"fixed_large": (6.71466, 8.22853), "fixed_small": (61.1594, 135.2141)}
+
+
+@pytest.mark.parametrize("variance", ["fixed_large", "fixed_small"])
+def test_bits_per_dim_equals_the_paper_bound_computed_independently(variance):
+    """Every term, the prior and the total against a float64 re-derivation from the paper's
+    formulas (tests/paper_bound.py), and against a golden total for this network and input."""
+    betas = paper_bound.linear_betas(10, 1e-4, 0.2)
+    np.testing.assert_allclose(make_beta_schedule("linear", 10, beta_end=0.2), betas, rtol=1e-12)
+    d = GaussianDiffusion(make_beta_schedule("linear", 10, beta_end=0.2), variance=variance)
+    x0, eps = _bound_inputs()
+    out = d.bits_per_dim(_eps_net, x0, clip_denoised=False, noise=eps)
+    for i in range(2):
+        prior, terms = paper_bound.bound_terms(betas, x0[i].flatten().tolist(),
+                                               eps[i].flatten().tolist(), _eps_net_ref,
+                                               variance=variance)
+        np.testing.assert_allclose(out["terms"][i].numpy(), terms, rtol=1e-5, atol=1e-7)
+        assert out["prior"][i].item() == pytest.approx(prior, rel=1e-6)
+        assert out["total"][i].item() == pytest.approx(prior + sum(terms), rel=1e-6)
+        assert out["total"][i].item() == pytest.approx(GOLDEN_BPD[variance][i], abs=1e-4)
     assert torch.allclose(out["total"], out["prior"] + out["vb"] + out["decoder"])
-    assert torch.allclose(out["decoder"], out["terms"][:, 0])
-    assert torch.all(out["total"] > 0) and torch.isfinite(out["total"]).all()
 
 
 def test_devices_and_dtypes_follow_inputs(diffusion):
