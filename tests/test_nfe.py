@@ -1,4 +1,4 @@
-"""python -m ddpm_lightning.nfe: FID against NFE for several samplers, on a tiny checkpoint."""
+"""python -m ddpm_lightning.tools.nfe: FID against NFE for several samplers, on a tiny checkpoint."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_lightning import fid as fidlib
-from ddpm_lightning import nfe
-from ddpm_lightning.inference import prepare
+from ddpm_lightning.core.inference import prepare
+from ddpm_lightning.metrics import fid as fidlib
+from ddpm_lightning.tools import nfe
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def test_table_plot_grids_and_reuse(study, monkeypatch):
 
     # An identical second run reuses every entry: no sampling, no FID.
     monkeypatch.setattr(fidlib, "compute_fid", lambda *a, **k: pytest.fail("recomputed"))
-    monkeypatch.setattr("ddpm_lightning.generate.generate",
+    monkeypatch.setattr("ddpm_lightning.core.generate.generate",
                         lambda *a, **k: pytest.fail("sampled again"))
     again = run()
     assert again["entries"] == entries
@@ -97,7 +97,7 @@ def test_plan_runs_short_nfe_first_and_ddpm_alone_at_the_long_nfe():
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_inference_net_gives_the_network_output(bf16):
-    from ddpm_lightning.unet import UNet
+    from ddpm_lightning.core.unet import UNet
 
     torch.manual_seed(0)
     net = UNet(in_channels=1, ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[8],
