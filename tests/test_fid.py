@@ -245,18 +245,18 @@ def test_fingerprint_follows_the_pixels_of_in_memory_datasets():
 def test_fashion_mnist_train_vs_test(weights, monkeypatch, tmp_path):
     dm = DiffusionDataModule("fashion_mnist", root=str(FMNIST), image_size=28, batch_size=16,
                              val_fraction=0.0)
-    kwargs = {"max_images": 200, "weights_path": weights, "cache": tmp_path}
+    kwargs = {"max_images": 100, "weights_path": weights, "cache": tmp_path}
     train = reference.reference_stats(dm, "train", **kwargs)
     test = reference.reference_stats(dm, "test", **kwargs)
     value = fid.fid_from_stats(*train, *test)
     self_fid = fid.fid_from_stats(*train, *train)
     assert sorted(p.name for p in tmp_path.glob("*.npz")) == [
-        "fashion_mnist_test_28_n200.npz", "fashion_mnist_train_28_n200.npz"]
+        "fashion_mnist_test_28_n100.npz", "fashion_mnist_train_28_n100.npz"]
     # a second run reads the cached statistics and gives the very same FID
     monkeypatch.setattr(fid, "inception_features", lambda *a, **k: pytest.fail("recomputed"))
     again = fid.fid_from_stats(*reference.reference_stats(dm, "train", **kwargs),
                                *reference.reference_stats(dm, "test", **kwargs))
-    print(f"\nFashion-MNIST train vs test (200 each): FID {value:.3f}; self {self_fid:.2e}")
+    print(f"\nFashion-MNIST train vs test (100 each): FID {value:.3f}; self {self_fid:.2e}")
     assert math.isfinite(value) and value > 0 and again == value
     assert abs(self_fid) < 1e-3
 

@@ -156,6 +156,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temp file left
 
 
+@pytest.mark.slow  # a real external SIGTERM; tests/test_resume.py stops mid-epoch in-process
 def test_sigterm_saves_and_resume_reaches_the_same_step(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
     args = [*TINY, "trainer.max_steps=120", "callbacks.checkpoint.every_n_train_steps=1000"]

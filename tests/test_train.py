@@ -77,7 +77,11 @@ LOSS_AWARE = ["schedule.T=8", "module.objective=vlb", "module.timesteps.sampler=
               "module.timesteps.history=1"]
 
 
-@pytest.mark.parametrize("extra", [[], LOSS_AWARE], ids=["uniform_t", "loss_aware_t"])
+@pytest.mark.parametrize("extra", [
+    pytest.param([], id="uniform_t"),
+    # mid-epoch with loss-aware t is in the default suite (tests/test_resume.py)
+    pytest.param(LOSS_AWARE, id="loss_aware_t", marks=pytest.mark.slow),
+])
 def test_resume_gives_the_same_losses(tmp_path, extra):
     common = [*TINY, *extra, "trainer.limit_train_batches=3",
               "callbacks.checkpoint.every_n_train_steps=3"]
