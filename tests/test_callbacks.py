@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from ddpm_lightning.callbacks import EveryNSteps
+from ddpm_lightning.training.callbacks import EveryNSteps
 
 
 class _Recorder(EveryNSteps):

@@ -1,4 +1,4 @@
-"""python -m ddpm_lightning.compare on a real 2-job sweep (schedule=linear,cosine, callbacks=eval)."""
+"""python -m ddpm_lightning.tools.compare on a real 2-job sweep (schedule=linear,cosine, callbacks=eval)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 from test_eval import EVAL
 
-from ddpm_lightning import compare
+from ddpm_lightning.tools import compare
 
 from helpers import TINY, read_metrics, run_script, series
 

@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ddpm_lightning import loggers, runtime
+from ddpm_lightning.app import loggers, runtime
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ["schedule", "model", "module", "data", "trainer", "logger", "callbacks", "experiment"]

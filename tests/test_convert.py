@@ -1,5 +1,5 @@
 """Importing diffusers ``UNet2DModel`` weights (google/ddpm-cifar10-32's format) into our UNet
-(ddpm_lightning/convert.py). Everything runs on randomly initialised diffusers models; nothing
+(ddpm_lightning/tools/convert.py). Everything runs on randomly initialised diffusers models; nothing
 is downloaded."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ddpm_lightning import convert
-from ddpm_lightning.unet import UNet
+from ddpm_lightning.core.unet import UNet
+from ddpm_lightning.tools import convert
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -147,7 +147,7 @@ def test_cli_end_to_end(reference, tmp_path):
     model, *_ = reference
     src, out = tmp_path / "ddpm-cifar10-32", tmp_path / "ckpt" / "ddpm_cifar10.ckpt"
     model.save_pretrained(src)  # config.json + diffusion_pytorch_model.safetensors
-    proc = subprocess.run([sys.executable, "-m", "ddpm_lightning.convert", str(src), str(out)],
+    proc = subprocess.run([sys.executable, "-m", "ddpm_lightning.tools.convert", str(src), str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no temporary left
@@ -260,4 +260,4 @@ def test_compose_keeps_an_initialised_hydra():
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         rc = convert.compose_run_config("cifar10_ddpm")
         assert compose(config_name="train").name == "cpu_embedded"  # still usable
-    assert rc["model"]["_target_"] == "ddpm_lightning.unet.UNet"
+    assert rc["model"]["_target_"] == "ddpm_lightning.core.unet.UNet"

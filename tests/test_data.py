@@ -14,8 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_lightning import datasets as ds
-from ddpm_lightning.data import DiffusionDataModule, random_hflip, to_model_range, to_uint8
+from ddpm_lightning.core.pixels import to_model_range, to_uint8
+from ddpm_lightning.training import datasets as ds
+from ddpm_lightning.training.data import DiffusionDataModule, random_hflip
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "data"
 FMNIST = Path(ds.FASHION_MNIST_DEBIAN)
@@ -137,7 +138,11 @@ def test_device_loader_gives_the_dataloader_batches(rank):
     """The GPU path's loader (here on the CPU) against the DataLoader, with one sampler
     setting: the same batches in each of two epochs of rank ``rank`` of 2, and after a resume
     in the middle of epoch 1."""
-    from ddpm_lightning.data import DeviceLoader, EpochRandomSampler, ResumableDataLoader
+    from ddpm_lightning.training.loaders import (
+        DeviceLoader,
+        EpochRandomSampler,
+        ResumableDataLoader,
+    )
 
     dm = DiffusionDataModule(batch_size=16, seed=5)
     dm.setup()
@@ -347,7 +352,7 @@ def test_config_instantiates(path, tmp_path, monkeypatch, image_folder):
 
     monkeypatch.setenv("DDPM_DATA", str(tmp_path / "nowhere"))
     cfg = OmegaConf.load(path)
-    assert cfg._target_ == "ddpm_lightning.data.DiffusionDataModule"
+    assert cfg._target_ == "ddpm_lightning.training.data.DiffusionDataModule"
     if OmegaConf.is_missing(cfg, "root"):
         cfg.root = str(image_folder)
         cfg.batch_size = 4

@@ -7,9 +7,9 @@ import paper_bound
 import pytest
 import torch
 
-from ddpm_lightning.diffusion import GaussianDiffusion
-from ddpm_lightning.losses import discretized_gaussian_log_likelihood, normal_kl
-from ddpm_lightning.schedules import make_beta_schedule
+from ddpm_lightning.core.diffusion import GaussianDiffusion
+from ddpm_lightning.core.losses import discretized_gaussian_log_likelihood, normal_kl
+from ddpm_lightning.core.schedules import make_beta_schedule
 
 
 @pytest.fixture(scope="module")

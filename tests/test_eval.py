@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from ddpm_lightning.wandb_records import find_runs, read_run
+from ddpm_lightning.tools.wandb_records import find_runs, read_run
 
 from helpers import TINY, read_metrics, run_script, series
 
@@ -70,6 +70,6 @@ def test_eval_logs_fid_and_bits_per_dim_and_under_wandb_keeps_the_best(tmp_path,
     bpd = [(h["trainer/global_step"], h["eval/bpd"]) for h in got["history"] if "eval/bpd" in h]
     assert bpd == csv["eval/bpd"]
     # the sweep report reads a W&B-only job from its offline files
-    from ddpm_lightning.compare import history
+    from ddpm_lightning.tools.compare import history
 
     assert history(run)["eval/fid"] == fids and history(run)["eval/bpd"] == bpd

@@ -18,9 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_lightning import evaluation, fid, reference
-from ddpm_lightning.data import DiffusionDataModule
-from ddpm_lightning.inception import (
+from ddpm_lightning.metrics import fid, reference
+from ddpm_lightning.metrics.inception import (
     WEIGHTS_FILENAME,
     build,
     has_fc,
@@ -28,6 +27,8 @@ from ddpm_lightning.inception import (
     load_extractor,
     verify,
 )
+from ddpm_lightning.training import evaluation
+from ddpm_lightning.training.data import DiffusionDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -66,7 +67,7 @@ def test_offline_weights_match_the_torchscript(weights, capsys):
     assert (fid.inception_features(images, weights_path=weights) - plain).abs().max() < 1e-5
 
     # an existing valid file is kept; --force rewrites it
-    from ddpm_lightning.inception import main
+    from ddpm_lightning.metrics.inception import main
 
     mtime = weights.stat().st_mtime_ns
     assert main(["--out", str(weights)]) == 0
@@ -77,7 +78,7 @@ def test_offline_weights_match_the_torchscript(weights, capsys):
 
 def test_missing_weights_give_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"python -m ddpm_lightning\.inception"):
+    with pytest.raises(FileNotFoundError, match=r"python -m ddpm_lightning\.metrics\.inception"):
         fid.resolve_weights()
     assert fid.resolve_weights(download=True) is None  # online users: torch-fidelity downloads
     with pytest.raises(FileNotFoundError, match="not found"):
@@ -228,7 +229,7 @@ def test_reference_cache_notices_changed_images(weights, monkeypatch, tmp_path):
 
 
 def test_fingerprint_follows_the_pixels_of_in_memory_datasets():
-    from ddpm_lightning.datasets import TensorImageDataset
+    from ddpm_lightning.training.datasets import TensorImageDataset
 
     images = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
     a = reference.dataset_fingerprint(TensorImageDataset(images), [0, 1, 2, 3])
@@ -244,18 +245,18 @@ def test_fingerprint_follows_the_pixels_of_in_memory_datasets():
 def test_fashion_mnist_train_vs_test(weights, monkeypatch, tmp_path):
     dm = DiffusionDataModule("fashion_mnist", root=str(FMNIST), image_size=28, batch_size=16,
                              val_fraction=0.0)
-    kwargs = {"max_images": 200, "weights_path": weights, "cache": tmp_path}
+    kwargs = {"max_images": 100, "weights_path": weights, "cache": tmp_path}
     train = reference.reference_stats(dm, "train", **kwargs)
     test = reference.reference_stats(dm, "test", **kwargs)
     value = fid.fid_from_stats(*train, *test)
     self_fid = fid.fid_from_stats(*train, *train)
     assert sorted(p.name for p in tmp_path.glob("*.npz")) == [
-        "fashion_mnist_test_28_n200.npz", "fashion_mnist_train_28_n200.npz"]
+        "fashion_mnist_test_28_n100.npz", "fashion_mnist_train_28_n100.npz"]
     # a second run reads the cached statistics and gives the very same FID
     monkeypatch.setattr(fid, "inception_features", lambda *a, **k: pytest.fail("recomputed"))
     again = fid.fid_from_stats(*reference.reference_stats(dm, "train", **kwargs),
                                *reference.reference_stats(dm, "test", **kwargs))
-    print(f"\nFashion-MNIST train vs test (200 each): FID {value:.3f}; self {self_fid:.2e}")
+    print(f"\nFashion-MNIST train vs test (100 each): FID {value:.3f}; self {self_fid:.2e}")
     assert math.isfinite(value) and value > 0 and again == value
     assert abs(self_fid) < 1e-3
 
@@ -264,9 +265,9 @@ def test_fashion_mnist_train_vs_test(weights, monkeypatch, tmp_path):
 
 
 def _tiny_module():
-    from ddpm_lightning.module import DDPM
-    from ddpm_lightning.schedules import make_beta_schedule
-    from ddpm_lightning.unet import UNet
+    from ddpm_lightning.core.schedules import make_beta_schedule
+    from ddpm_lightning.core.unet import UNet
+    from ddpm_lightning.training.module import DDPM
 
     torch.manual_seed(0)
     net = UNet(in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
@@ -335,8 +336,8 @@ import lightning as L
 from lightning.pytorch.loggers import CSVLogger
 sys.path.insert(0, {tests!r})
 from test_fid import _tiny_module
-from ddpm_lightning.data import DiffusionDataModule
-from ddpm_lightning.evaluation import FIDCallback
+from ddpm_lightning.training.data import DiffusionDataModule
+from ddpm_lightning.training.evaluation import FIDCallback
 
 out = Path({out!r})
 cb = FIDCallback(every_n_steps=2, num_samples=5, batch_size=4, sampler={{"name": "ddim", "steps": 3}},
@@ -364,12 +365,3 @@ def test_fid_callback_under_ddp(weights, tmp_path):
     print(f"\nDDP FID (2 ranks, 5 samples): {values}")
     assert values[0] == values[1] and math.isfinite(values[0]) and values[0] > 0
     assert (tmp_path / "stats" / "embedded_train_16_s0v0.1_n10.npz").is_file()
-
-
-def test_old_names_still_resolve():
-    """Configs and scripts written before the split name the callback and the reference
-    statistics in ``ddpm_lightning.fid``."""
-    assert fid.FIDCallback is evaluation.FIDCallback
-    assert fid.reference_stats is reference.reference_stats
-    with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        fid.nope  # noqa: B018

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_lightning.diffusion import GaussianDiffusion
-from ddpm_lightning.module import DDPM
-from ddpm_lightning.samplers import denoise
-from ddpm_lightning.schedules import make_beta_schedule
-from ddpm_lightning.unet import UNet
+from ddpm_lightning.core.diffusion import GaussianDiffusion
+from ddpm_lightning.core.samplers import denoise
+from ddpm_lightning.core.schedules import make_beta_schedule
+from ddpm_lightning.core.unet import UNet
+from ddpm_lightning.training.module import DDPM
 
 
 def _net(out_channels=1):

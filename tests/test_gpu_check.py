@@ -31,10 +31,11 @@ def test_sampling_part_on_the_cpu(tmp_path):
     assert gpu_check.main(["--quick", "--device", "cpu", "--out", str(out),
                            "--parts", "sampling"]) == 0
     part = json.loads(out.read_text())["parts"]["sampling"]
+    assert part["num_samples"] == 8
     for label in ("dpm_solver_sde_50", "ddpm_1000"):
-        assert part[label]["images_per_s"] > 0
-    # 10 steps against the full chain of 20: the fast sampler is faster
-    assert part["dpm_solver_sde_50"]["images_per_s"] > part["ddpm_1000"]["images_per_s"]
+        r = part[label]
+        assert r["seconds"] > 0 and r["images_per_s"] == pytest.approx(8 / r["seconds"], rel=0.1)
+    # (which sampler is faster is a timing, left out: a loaded CPU reverses 4 against 20 steps)
 
 
 def test_a_failing_part_is_recorded_and_the_others_run(tmp_path, monkeypatch):

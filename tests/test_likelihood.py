@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddpm_lightning.data import to_model_range
-from ddpm_lightning.diffusion import GaussianDiffusion
-from ddpm_lightning.likelihood import bits_per_dim_estimate, strata
-from ddpm_lightning.schedules import make_beta_schedule
+from ddpm_lightning.core.diffusion import GaussianDiffusion
+from ddpm_lightning.core.likelihood import bits_per_dim_estimate, strata
+from ddpm_lightning.core.pixels import to_model_range
+from ddpm_lightning.core.schedules import make_beta_schedule
 
 
 def test_strata_cover_every_kl_term_once():

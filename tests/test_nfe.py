@@ -1,4 +1,4 @@
-"""python -m ddpm_lightning.nfe: FID against NFE for several samplers, on a tiny checkpoint."""
+"""python -m ddpm_lightning.tools.nfe: FID against NFE for several samplers, on a tiny checkpoint."""
 
 from __future__ import annotations
 
@@ -9,30 +9,33 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_lightning import fid as fidlib
-from ddpm_lightning import nfe
-from ddpm_lightning.inference import prepare
+from ddpm_lightning.core.inference import prepare
+from ddpm_lightning.metrics import fid as fidlib
+from ddpm_lightning.tools import nfe
 
 
-@pytest.fixture
-def study(tiny_ckpt, weights, tmp_path, monkeypatch):
-    monkeypatch.setenv("DDPM_FID_CACHE", str(tmp_path / "stats"))
-    out = tmp_path / "study"
+@pytest.fixture(scope="module")
+def study(tiny_ckpt, weights, tmp_path_factory):
+    """One study (three samplers at 2 and 5 NFE, DDPM at 50) shared by the tests below; ``run``
+    runs it again in the same folder, with extra arguments."""
+    tmp = tmp_path_factory.mktemp("nfe")
+    out = tmp / "study"
 
     def run(*extra):
-        nfe.main([str(tiny_ckpt), "--out", str(out), "--n", "6", "--batch-size", "4",
-                  "--nfe", "2", "5", "--long-nfe", "50", "--grid", "3",
-                  "--samplers", "ddpm_small", "dpm_sde", "ddim0",
-                  "--ref-max-images", "16", "--weights-path", str(weights), "--no-progress",
-                  *extra])
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("DDPM_FID_CACHE", str(tmp / "stats"))
+            nfe.main([str(tiny_ckpt), "--out", str(out), "--n", "6", "--batch-size", "4",
+                      "--nfe", "2", "5", "--long-nfe", "50", "--grid", "3",
+                      "--samplers", "ddpm_small", "dpm_sde", "ddim0",
+                      "--ref-max-images", "16", "--weights-path", str(weights), "--no-progress",
+                      *extra])
         return json.loads((out / "results.json").read_text())
 
-    return out, run
+    return out, run, run()
 
 
 def test_table_plot_grids_and_reuse(study, monkeypatch):
-    out, run = study
-    results = run()
+    out, run, results = study
     entries = results["entries"]
     assert sorted(entries) == sorted(["ddpm_small@2", "dpm_sde@2", "ddim0@2", "ddpm_small@5",
                                       "dpm_sde@5", "ddim0@5", "ddpm_small@50"])
@@ -51,7 +54,7 @@ def test_table_plot_grids_and_reuse(study, monkeypatch):
 
     # An identical second run reuses every entry: no sampling, no FID.
     monkeypatch.setattr(fidlib, "compute_fid", lambda *a, **k: pytest.fail("recomputed"))
-    monkeypatch.setattr("ddpm_lightning.generate.generate",
+    monkeypatch.setattr("ddpm_lightning.core.generate.generate",
                         lambda *a, **k: pytest.fail("sampled again"))
     again = run()
     assert again["entries"] == entries
@@ -60,8 +63,7 @@ def test_table_plot_grids_and_reuse(study, monkeypatch):
 def test_same_x_T_for_every_sampler(study):
     """At 2 steps the first SDE-DPM-Solver++ step is the DDPM step with σ² = β̃ and both end
     at x̂₀, so from the same x_T (and z) the two samplers give the same images."""
-    out, run = study
-    run()
+    out, _, _ = study
     a = np.asarray(Image.open(out / "rows" / "ddpm_small@2.png"), dtype=np.int16)
     b = np.asarray(Image.open(out / "rows" / "dpm_sde@2.png"), dtype=np.int16)
     c = np.asarray(Image.open(out / "rows" / "ddim0@2.png"), dtype=np.int16)
@@ -70,14 +72,14 @@ def test_same_x_T_for_every_sampler(study):
 
 
 def test_another_study_in_the_same_folder_is_refused(study, capsys):
-    out, run = study
-    first = run()
+    out, run, _ = study
+    before = (out / "results.json").read_text()
     with pytest.raises(SystemExit) as exc:
         run("--seed", "1")
     assert exc.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "seed=0" in err[0] and "--out" in err[0]
-    assert json.loads((out / "results.json").read_text()) == first  # kept
+    assert (out / "results.json").read_text() == before  # kept
 
 
 def test_markdown_table_marks_the_best_of_each_column():
@@ -97,7 +99,7 @@ def test_plan_runs_short_nfe_first_and_ddpm_alone_at_the_long_nfe():
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_inference_net_gives_the_network_output(bf16):
-    from ddpm_lightning.unet import UNet
+    from ddpm_lightning.core.unet import UNet
 
     torch.manual_seed(0)
     net = UNet(in_channels=1, ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[8],

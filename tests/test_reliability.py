@@ -15,11 +15,11 @@ import pytest
 import torch
 from torch import nn
 
-from ddpm_lightning.checkpoint import AtomicCheckpointIO, CheckpointError
-from ddpm_lightning.data import DiffusionDataModule
-from ddpm_lightning.module import DDPM
-from ddpm_lightning.schedules import make_beta_schedule
-from ddpm_lightning.unet import UNet
+from ddpm_lightning.core.schedules import make_beta_schedule
+from ddpm_lightning.core.unet import UNet
+from ddpm_lightning.training.checkpoint import AtomicCheckpointIO, CheckpointError
+from ddpm_lightning.training.data import DiffusionDataModule
+from ddpm_lightning.training.module import DDPM
 
 from helpers import ROOT, TINY, run_script
 
@@ -37,6 +37,7 @@ BAD_TRAIN = [
      "/nonexistent/images"),
     (["data.channels=3"], "data.channels=3 does not match dataset 'embedded'"),
     (["trainer.devices=64"], "trainer.devices=64 is more than the"),
+    (["trainer.devices=0"], "Trainer(devices=0) value is not a valid input"),  # Lightning's own
     (["module.sampler.steps=51"], "module.sampler.steps=51 is invalid"),
     (["module.sampler.eta=-0.1"], "module.sampler.eta=-0.1 is invalid"),
     (["resume=/nonexistent/last.ckpt"], "resume=/nonexistent/last.ckpt does not exist"),
@@ -120,7 +121,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
     path = tmp_path / "last.ckpt"
     script = f"""
 import sys, torch
-from ddpm_lightning.checkpoint import AtomicCheckpointIO
+from ddpm_lightning.training.checkpoint import AtomicCheckpointIO
 io = AtomicCheckpointIO()
 io.save_checkpoint({{"step": 1, "w": torch.ones(3)}}, {str(path)!r})
 print("first saved", flush=True)
@@ -155,6 +156,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temp file left
 
 
+@pytest.mark.slow  # a real external SIGTERM; tests/test_resume.py stops mid-epoch in-process
 def test_sigterm_saves_and_resume_reaches_the_same_step(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
     args = [*TINY, "trainer.max_steps=120", "callbacks.checkpoint.every_n_train_steps=1000"]

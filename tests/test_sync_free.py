@@ -11,10 +11,10 @@ import pytest
 import torch
 from test_reliability import NaNAfter
 
-from ddpm_lightning.data import DiffusionDataModule
-from ddpm_lightning.module import DDPM
-from ddpm_lightning.schedules import make_beta_schedule
-from ddpm_lightning.unet import UNet
+from ddpm_lightning.core.schedules import make_beta_schedule
+from ddpm_lightning.core.unet import UNet
+from ddpm_lightning.training.data import DiffusionDataModule
+from ddpm_lightning.training.module import DDPM
 
 
 class HostSync(AssertionError):

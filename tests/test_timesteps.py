@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddpm_lightning.timesteps import LossAwareTimesteps, UniformTimesteps, make_timestep_sampler
+from ddpm_lightning.core.timesteps import (
+    LossAwareTimesteps,
+    UniformTimesteps,
+    make_timestep_sampler,
+)
 
 T = 8
 

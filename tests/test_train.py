@@ -60,8 +60,8 @@ def test_logged_keys(tmp_path):
     # throughput per window of 2 steps (steps 2 and 4); FLOPs = 3 × the TINY U-Net's forward
     rates, tflops = series(rows, "train/images_per_sec"), series(rows, "train/tflops_per_sec")
     assert [s for s, _ in rates] == [s for s, _ in tflops] == [2, 4]  # after steps 2 and 4
-    from ddpm_lightning.flops import forward_flops_per_image
-    from ddpm_lightning.unet import UNet
+    from ddpm_lightning.core.flops import forward_flops_per_image
+    from ddpm_lightning.core.unet import UNet
 
     net = UNet(in_channels=1, ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[8],
                image_size=16)
@@ -77,7 +77,11 @@ LOSS_AWARE = ["schedule.T=8", "module.objective=vlb", "module.timesteps.sampler=
               "module.timesteps.history=1"]
 
 
-@pytest.mark.parametrize("extra", [[], LOSS_AWARE], ids=["uniform_t", "loss_aware_t"])
+@pytest.mark.parametrize("extra", [
+    pytest.param([], id="uniform_t"),
+    # mid-epoch with loss-aware t is in the default suite (tests/test_resume.py)
+    pytest.param(LOSS_AWARE, id="loss_aware_t", marks=pytest.mark.slow),
+])
 def test_resume_gives_the_same_losses(tmp_path, extra):
     common = [*TINY, *extra, "trainer.limit_train_batches=3",
               "callbacks.checkpoint.every_n_train_steps=3"]
@@ -215,9 +219,9 @@ def test_build_in_process(tmp_path):
 
     sys.path.insert(0, str(ROOT))
     import train
-    from ddpm_lightning.data import DiffusionDataModule
-    from ddpm_lightning.evaluation import FIDCallback
-    from ddpm_lightning.module import DDPM
+    from ddpm_lightning.training.data import DiffusionDataModule
+    from ddpm_lightning.training.evaluation import FIDCallback
+    from ddpm_lightning.training.module import DDPM
 
     module, data, trainer, resume, run_dir = train.build(
         *_composed(tmp_path, "trainer.max_steps=7"), tmp_path)

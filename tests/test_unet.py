@@ -1,4 +1,4 @@
-"""Tests of the DDPM U-Net ε_θ(x_t, t) (ddpm_lightning/unet.py) and its Hydra configs."""
+"""Tests of the DDPM U-Net ε_θ(x_t, t) (ddpm_lightning/core/unet.py) and its Hydra configs."""
 
 from pathlib import Path
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ddpm_lightning.unet import UNet, timestep_embedding
+from ddpm_lightning.core.unet import UNet, timestep_embedding
 
 CONF = Path(__file__).parents[1] / "conf" / "model"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from ddpm_lightning.wandb_records import RecordError, find_runs, read_records, read_run
+from ddpm_lightning.tools.wandb_records import RecordError, find_runs, read_records, read_run
 
 from helpers import TINY, run_script
 

@@ -3,7 +3,7 @@
     python tools/gpu_check.py [--out gpu_check.json] [--quick --device cpu]
 
 It writes one JSON file with:
-  (a) bench: ``python -m ddpm_lightning.bench`` at batch 128 on the GPU, fp32 and bf16-mixed,
+  (a) bench: ``python -m ddpm_lightning.tools.bench`` at batch 128 on the GPU, fp32 and bf16-mixed,
       channels-last, eager and compiled, against diffusers' UNet2DModel: img/s, GFLOP/s and
       the share of the measured dense peak;
   (b) fit: 300 steps of ``train.py experiment=cifar10_ddpm trainer=gpu`` (bf16-mixed) on
@@ -49,7 +49,7 @@ def _memory(device: torch.device) -> dict:
 
 
 def part_bench(args, device) -> dict:
-    from ddpm_lightning import bench
+    from ddpm_lightning.tools import bench
 
     out = {}
     for compiled in (False, True):
@@ -124,11 +124,11 @@ def part_sampling(args, device) -> dict:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from ddpm_lightning.diffusion import GaussianDiffusion
-    from ddpm_lightning.generate import generate
-    from ddpm_lightning.inference import prepare
-    from ddpm_lightning.samplers import SamplerSettings
-    from ddpm_lightning.schedules import make_beta_schedule
+    from ddpm_lightning.core.diffusion import GaussianDiffusion
+    from ddpm_lightning.core.generate import generate
+    from ddpm_lightning.core.inference import prepare
+    from ddpm_lightning.core.samplers import SamplerSettings
+    from ddpm_lightning.core.schedules import make_beta_schedule
 
     cfg = OmegaConf.load(ROOT / "conf" / "model" / "unet_cifar10.yaml")
     if args.quick:
@@ -141,7 +141,7 @@ def part_sampling(args, device) -> dict:
     n, batch = (8, 4) if args.quick else (1000, 500)
     out = {"num_samples": n, "batch": batch, "precision": "bf16 U-Net, fp32 chain"}
     for label, settings in (("dpm_solver_sde_50", {"name": "dpm_solver", "sde": True,
-                                                   "steps": 10 if args.quick else 50}),
+                                                   "steps": 4 if args.quick else 50}),
                             ("ddpm_1000", {"name": "ddpm", "steps": None})):
         settings = SamplerSettings.parse(settings, T, key=label)
         generate(net, diffusion, batch, batch, shape, device=device, settings=settings)  # warm-up
@@ -155,7 +155,7 @@ def part_sampling(args, device) -> dict:
 
 
 def part_inception(args, device) -> dict:
-    from ddpm_lightning import fid
+    from ddpm_lightning.metrics import fid
 
     n = 16 if args.quick else 5000
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)

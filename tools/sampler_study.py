@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
-from ddpm_lightning.checkpoint import load_module
-from ddpm_lightning.data import DiffusionDataModule, to_model_range
-from ddpm_lightning.samplers import sample
+from ddpm_lightning.core.pixels import to_model_range
+from ddpm_lightning.core.samplers import sample
+from ddpm_lightning.training.checkpoint import load_module
+from ddpm_lightning.training.data import DiffusionDataModule
 
 VARIANTS = {
     "ddpm small": dict(sampler="ddpm", variance="small"),
@@ -63,8 +64,8 @@ def eps_stats(net, diffusion, x0, ts=(999, 900, 500, 100, 10, 0)) -> list[dict]:
 
 
 def _fid(net, diffusion, data, kw, nfe, n, ref) -> float:
-    from ddpm_lightning.data import to_uint8
-    from ddpm_lightning.fid import compute_fid
+    from ddpm_lightning.core.pixels import to_uint8
+    from ddpm_lightning.metrics.fid import compute_fid
 
     images = []
     for k in range(0, n, 250):
@@ -111,7 +112,7 @@ def main() -> None:
                   f"RMSE(ε̂−ε) {r['rmse']:.4f}")
         grids = {}
         if args.fid:
-            from ddpm_lightning.reference import reference_stats
+            from ddpm_lightning.metrics.reference import reference_stats
 
             ref = reference_stats(data, split="test", max_images=args.fid_ref)
         for nfe in args.nfe if args.fid else []:

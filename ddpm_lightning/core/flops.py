@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .inference import eval_mode
+from ddpm_lightning.core.inference import eval_mode
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ parameters and their names do not change): the attention projections run as one 
 convolution, attention over short sequences as two batched GEMMs, each Upsample as one
 transposed convolution, and bf16 GroupNorm inputs are normalised in float32. See
 ``AttnBlock``, ``_attention``, ``Upsample`` and ``_norm_act``; ``python -m
-ddpm_lightning.bench`` measures the result against diffusers.
+ddpm_lightning.tools.bench`` measures the result against diffusers.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Every dataset here yields ``uint8`` tensors of shape ``[C, H, W]`` that are
 already at the model resolution; scaling to ``[-1, 1]`` and augmentation are
-done later, on the device, by :class:`ddpm_lightning.data.DiffusionDataModule`.
+done later, on the device, by :class:`ddpm_lightning.training.data.DiffusionDataModule`.
 Labels are never returned.
 
 * Fixed datasets (``embedded``, ``mnist``, ``fashion_mnist``, ``cifar10``) are
@@ -25,6 +25,7 @@ folder may mix modes.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
 import os
 import struct
@@ -77,6 +78,15 @@ class TensorImageDataset(Dataset):
         # processes keep the cores busy (torch's threaded gather does not).
         return torch.from_numpy(self.images.numpy()[indices])
 
+    def fingerprint(self, indices: list[int]) -> str:
+        """A short hash of the chosen images' pixels (keys the FID reference cache)."""
+        chosen = self.images.numpy()
+        if len(indices) != len(chosen):
+            chosen = chosen[indices]
+        h = hashlib.sha1(str(chosen.shape).encode())
+        h.update(np.ascontiguousarray(chosen).data)
+        return h.hexdigest()[:16]
+
     def subset(self, indices: Tensor) -> TensorImageDataset:
         return TensorImageDataset(self.images[indices])
 
@@ -102,6 +112,17 @@ class ImageFolderDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def fingerprint(self, indices: list[int]) -> str:
+        """A short hash of the chosen files' paths, sizes and modification times, and the
+        conversion (reading every image would cost as much as their Inception features)."""
+        h = hashlib.sha1()
+        for i in indices:
+            path = Path(self.files[i])
+            st = path.stat()
+            h.update(f"{path.resolve()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        h.update(f"{self.image_size}{self.mode}".encode())
+        return h.hexdigest()[:16]
 
     def subset(self, indices: Tensor) -> ImageFolderDataset:
         files = [self.files[i] for i in indices.tolist()]

@@ -12,11 +12,11 @@ import lightning as L
 import torch
 from torch import nn
 
-from .diffusion import GaussianDiffusion
-from .flops import precision_dtype, train_flops_per_image
-from .generate import SEED_STRIDE
-from .samplers import SamplerSettings
-from .timesteps import make_timestep_sampler
+from ddpm_lightning.core.diffusion import GaussianDiffusion
+from ddpm_lightning.core.flops import precision_dtype, train_flops_per_image
+from ddpm_lightning.core.samplers import SamplerSettings
+from ddpm_lightning.core.timesteps import make_timestep_sampler
+from ddpm_lightning.training.rng import collect_rng_states, fold_rank_into_rng, set_rng_states
 
 # The EMA copy is in eval mode on purpose; Lightning warns about any module in eval mode.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -97,7 +97,7 @@ class DDPM(L.LightningModule):
         if len(adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in adam_betas):
             raise ValueError(f"module.adam_betas={list(adam_betas)!r} must be two numbers in [0, 1)")
         # Plain Python containers only, so that checkpoints load with torch.load(weights_only=True).
-        self.save_hyperparameters(_plain({
+        self.save_hyperparameters(to_plain({
             "parameterization": parameterization, "variance": variance, "objective": objective,
             "hybrid_lambda": hybrid_lambda, "lr": lr, "adam_betas": adam_betas,
             "adam_eps": adam_eps, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
@@ -322,7 +322,7 @@ class DDPM(L.LightningModule):
         keeps it; otherwise the rank is folded into the common state here."""
         self._window = (time.perf_counter(), self.global_step)
         if self.trainer.world_size > 1 and not self._own_rng_restored:
-            _fold_rank_into_rng(self.trainer.global_rank)
+            fold_rank_into_rng(self.trainer.global_rank)
         self._own_rng_restored = False  # a later fit of this module decides afresh
 
     # ------------------------------------------------------- checkpointing
@@ -331,7 +331,7 @@ class DDPM(L.LightningModule):
         t, ε and flips; and the timestep sampler's loss history. A run that has gone non-finite
         since the last check raises here instead, so no checkpoint holds non-finite weights."""
         self.raise_if_nonfinite()
-        states = _collect_rng_states()
+        states = collect_rng_states()
         checkpoint["rng_states"] = states
         # Every rank calls this for a normal save (rank 0 writes the file). A save after an
         # exception may run on one rank only: no collective then, only rank 0's own state.
@@ -345,10 +345,10 @@ class DDPM(L.LightningModule):
         per_rank = checkpoint.get("rng_states_per_rank")
         world = self.trainer.world_size if self._trainer is not None else 1
         if per_rank is not None and len(per_rank) == world:
-            _set_rng_states(per_rank[self.trainer.global_rank])
+            set_rng_states(per_rank[self.trainer.global_rank])
             self._own_rng_restored = True
         elif "rng_states" in checkpoint:
-            _set_rng_states(checkpoint["rng_states"])
+            set_rng_states(checkpoint["rng_states"])
         self.timesteps.load_state_dict(checkpoint.get("timestep_sampler") or {})
 
     def on_train_end(self) -> None:
@@ -405,56 +405,10 @@ def _check_number(key: str, value, valid: str, ok) -> None:
         raise ValueError(f"{key}={value!r} is invalid; it must be {valid}")
 
 
-def _plain(value):
-    """OmegaConf containers → dicts and lists, recursively."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
+def to_plain(value):
+    """Mappings and sequences (config containers included) → dicts and lists, recursively."""
     if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [to_plain(v) for v in value]
     return value
-
-
-def _collect_rng_states() -> dict:
-    import random
-
-    import numpy as np
-
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    states = {"torch": torch.get_rng_state(),
-              "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-              "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _fold_rank_into_rng(rank: int) -> None:
-    """Reseed torch (CPU and CUDA), NumPy and Python from one number drawn from the current
-    torch state plus ``rank``: ranks that start from the same state get distinct streams, and
-    the result is still fixed by the run's seed."""
-    import random
-
-    import numpy as np
-
-    base = int(torch.randint(0, 2**62, (1,)).item())
-    seed = (base + SEED_STRIDE * rank) % 2**63
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def _set_rng_states(states: dict) -> None:
-    import random
-
-    import numpy as np
-
-    torch.set_rng_state(states["torch"])
-    kind, keys, pos, has_gauss, gauss = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .diffusion import GaussianDiffusion, Model
+from ddpm_lightning.core.diffusion import GaussianDiffusion, Model
 
 
 def strata(T: int, num_t: int) -> list[tuple[int, int]]:

@@ -10,9 +10,9 @@ import lightning as L
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_only
 
-from .generate import generate
-from .inference import eval_mode
-from .samplers import SamplerSettings
+from ddpm_lightning.core.generate import generate
+from ddpm_lightning.core.inference import eval_mode
+from ddpm_lightning.core.samplers import SamplerSettings
 
 
 def _log_image(trainer: L.Trainer, key: str, path: Path, step: int) -> None:

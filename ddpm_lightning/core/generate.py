@@ -12,9 +12,9 @@ import math
 
 import torch
 
-from .data import to_model_range, to_uint8
-from .diffusion import GaussianDiffusion
-from .samplers import SamplerSettings
+from ddpm_lightning.core.diffusion import GaussianDiffusion
+from ddpm_lightning.core.pixels import to_model_range, to_uint8
+from ddpm_lightning.core.samplers import SamplerSettings
 
 SEED_STRIDE = 1_000_003  # seeds s·STRIDE + k: distinct for distinct (s, k) while k < STRIDE
 

@@ -9,8 +9,8 @@ The extractor is always in eval mode and never part of the LightningModule.
 Weights, in this order: an explicit ``weights_path``; else torch-fidelity's default file
 ``$TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth`` if present; else,
 with ``download=True``, torch-fidelity downloads it (network needed); else a clear error.
-``python -m ddpm_lightning.inception`` writes the default file offline (no fc layer: FID
-only, see ``ddpm_lightning.inception``).
+``python -m ddpm_lightning.metrics.inception`` writes the default file offline (no fc layer: FID
+only, see ``ddpm_lightning.metrics.inception``).
 
 FID follows the paper's protocol when the reference is the *training* set (FID 3.17 on
 CIFAR-10 is against train; 5.24 against test) and the samples come from the EMA weights.
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .inception import default_weights_path, load_extractor
+from ddpm_lightning.metrics.inception import default_weights_path, load_extractor
 
 FEATURE_DIM = 2048
 _EXTRACTORS: dict[tuple[str | None, str], torch.nn.Module] = {}
@@ -49,7 +49,7 @@ def resolve_weights(weights_path: str | os.PathLike | None = None,
         path = Path(weights_path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"Inception weights {path} not found; build them offline with "
-                                    f"`python -m ddpm_lightning.inception --out {path}`")
+                                    f"`python -m ddpm_lightning.metrics.inception --out {path}`")
         return str(path)
     default = default_weights_path()
     if default.is_file():
@@ -57,7 +57,7 @@ def resolve_weights(weights_path: str | os.PathLike | None = None,
     if download:
         return None
     raise FileNotFoundError(
-        f"no Inception weights at {default}: run `python -m ddpm_lightning.inception` to build "
+        f"no Inception weights at {default}: run `python -m ddpm_lightning.metrics.inception` to build "
         "them offline, or pass download=True to let torch-fidelity download them (network needed)"
     )
 
@@ -100,7 +100,7 @@ def _as_rgb_uint8(batch) -> torch.Tensor:
     if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[1] not in (1, 3):
         raise TypeError(
             f"expected uint8 images [N, C, H, W] with C = 1 or 3, got {batch.dtype} "
-            f"{tuple(batch.shape)}; convert model outputs with ddpm_lightning.data.to_uint8"
+            f"{tuple(batch.shape)}; convert model outputs with ddpm_lightning.training.data.to_uint8"
         )
     return batch.expand(-1, 3, -1, -1) if batch.shape[1] == 1 else batch
 
@@ -220,7 +220,7 @@ def fid_from_stats(mu1, sigma1, mu2, sigma2) -> float:
 
 def _as_stats(reference, **feature_kwargs) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(reference, (str, os.PathLike)):
-        from .reference import load_stats
+        from ddpm_lightning.metrics.reference import load_stats
 
         return load_stats(reference)
     if isinstance(reference, Mapping):
@@ -271,18 +271,3 @@ def inception_score(images, splits: int = 10, batch_size: int = 32, device=None,
         )
     logits = _run_inception(images, batch_size, device, weights_path, download, output=1)
     return inception_score_from_logits(logits, splits)
-
-
-_MOVED = {"FIDCallback": "evaluation", "reference_stats": "reference", "cache_dir": "reference",
-          "save_stats": "reference", "load_stats": "reference",
-          "dataset_fingerprint": "reference"}
-
-
-def __getattr__(name: str):
-    """The old homes of the callback (``evaluation``) and of the reference statistics
-    (``reference``), for configs and code that still name them here."""
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_MOVED[name]}", __package__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

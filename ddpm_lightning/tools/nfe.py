@@ -1,6 +1,6 @@
 """FID against the number of network evaluations (NFE), for several samplers, from one checkpoint.
 
-    python -m ddpm_lightning.nfe CKPT --out DIR [--n 1000] [--nfe 10 20 50 100]
+    python -m ddpm_lightning.tools.nfe CKPT --out DIR [--n 1000] [--nfe 10 20 50 100]
         [--samplers ddpm_small dpm_sde …] [--long-nfe 1000] [--ref-split test] [--bf16 --compile]
 
 For every (sampler, NFE) it draws ``--n`` samples with the EMA weights, sample i from the same
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .report import side_by_side, stack_rows
+from ddpm_lightning.tools.report import side_by_side, stack_rows
 
 # name → (label, sampler settings); the DDIM entries name their clip, whose default changed
 # (rederive → raw_eps), so that an entry means the same before and after. "ddim0"/"ddim1" are DDIM as this project ships
@@ -136,7 +136,7 @@ def save_results(path: Path, meta: dict, entries: dict) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ddpm_lightning.nfe",
+    p = argparse.ArgumentParser(prog="python -m ddpm_lightning.tools.nfe",
                                 description=__doc__.split("\n")[0])
     p.add_argument("ckpt")
     p.add_argument("--out", required=True, help="folder for the report")
@@ -169,13 +169,13 @@ def run(args: argparse.Namespace) -> dict:
     from torchvision.utils import save_image
     from tqdm.auto import tqdm
 
-    from . import fid as fidlib
-    from .checkpoint import load_module
-    from .data import DiffusionDataModule
-    from .generate import generate
-    from .inference import prepare
-    from .reference import reference_stats
-    from .samplers import SamplerSettings
+    from ddpm_lightning.core.generate import generate
+    from ddpm_lightning.core.inference import prepare
+    from ddpm_lightning.core.samplers import SamplerSettings
+    from ddpm_lightning.metrics import fid as fidlib
+    from ddpm_lightning.metrics.reference import reference_stats
+    from ddpm_lightning.training.checkpoint import load_module
+    from ddpm_lightning.training.data import DiffusionDataModule
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -246,7 +246,7 @@ def write_report(args, entries: dict, out: Path) -> None:
 def main(argv=None) -> None:
     import sys
 
-    from .checkpoint import CheckpointError
+    from ddpm_lightning.training.checkpoint import CheckpointError
 
     args = parse_args(argv)
     try:

@@ -17,8 +17,13 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .losses import LN2, discretized_gaussian_log_likelihood, mean_flat, normal_kl
-from .schedules import validate_betas
+from ddpm_lightning.core.losses import (
+    LN2,
+    discretized_gaussian_log_likelihood,
+    mean_flat,
+    normal_kl,
+)
+from ddpm_lightning.core.schedules import validate_betas
 
 Parameterization = Literal["eps", "x0", "mu"]
 Variance = Literal["fixed_small", "fixed_large", "learned", "learned_range"]

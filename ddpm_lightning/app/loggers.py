@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from .runtime import ConfigError, ensure_wandb_mode, to_container
+from ddpm_lightning.app.runtime import ConfigError, ensure_wandb_mode, to_container
 
 # The command line as typed, before train.py rewrites sys.argv for DDP children in a sweep.
 ORIGINAL_ARGV = list(sys.argv)

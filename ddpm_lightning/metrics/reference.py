@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import fid
+from ddpm_lightning.metrics import fid
 
 
 def cache_dir() -> Path:
@@ -52,25 +51,10 @@ def _reference_set(source, split: str, max_images: int | None, name: str | None,
     """(dataset, indices, cache key, info) of the images that make the reference; ``info``
     holds the images' fingerprint when there is a cache key and ``fingerprint`` is set (the
     rank that reads and writes the cache)."""
-    from .data import DiffusionDataModule
-    from .datasets import NATIVE_CHANNELS
-
     if split not in ("train", "val", "test"):
         raise ValueError(f"reference split={split!r} is unknown; use train (the paper's), val or test")
-    if isinstance(source, DiffusionDataModule):
-        source.setup("fit")
-        dataset = source.train_set if split == "train" else source.val_set
-        name, suffix = source.dataset, ""
-        info = {"dataset": name, "split": split, "image_size": source.image_size,
-                "channels": source.channels}
-        if source.channels != NATIVE_CHANNELS.get(name):
-            suffix += f"_c{source.channels}"
-        if source.dataset in ("embedded", "folder"):  # its own split: depends on seed, fraction
-            info.update(seed=source.seed, val_fraction=source.val_fraction)
-            suffix += f"_s{source.seed}v{source.val_fraction:g}"
-        if source.dataset == "folder":
-            info["root"] = str(Path(source.root).resolve())
-            suffix += "_" + hashlib.sha1(info["root"].encode()).hexdigest()[:8]
+    if hasattr(source, "reference_set"):  # a data module describes its own split and cache key
+        dataset, name, suffix, info = source.reference_set(split)
     else:
         dataset, suffix = source, ""
         info = {"dataset": name, "split": split}
@@ -94,27 +78,12 @@ def _reference_set(source, split: str, max_images: int | None, name: str | None,
 
 
 def dataset_fingerprint(dataset, indices: list[int]) -> str | None:
-    """A short hash of the reference images' contents: the pixels of an in-memory dataset,
-    or each file's path, size and modification time for a folder of images (reading every
-    image would cost as much as the features). None for other datasets (then the cache trusts
-    its key; ``recompute=True`` refreshes it)."""
-    from .datasets import ImageFolderDataset, TensorImageDataset
-
-    h = hashlib.sha1()
-    if isinstance(dataset, TensorImageDataset):
-        images = dataset.images.numpy()
-        chosen = images if len(indices) == len(images) else images[indices]
-        h.update(str(chosen.shape).encode())
-        h.update(np.ascontiguousarray(chosen).data)
-    elif isinstance(dataset, ImageFolderDataset):
-        for i in indices:
-            path = Path(dataset.files[i])
-            st = path.stat()
-            h.update(f"{path.resolve()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-        h.update(f"{dataset.image_size}{dataset.mode}".encode())
-    else:
-        return None
-    return h.hexdigest()[:16]
+    """A short hash of the reference images' contents, from the dataset's own ``fingerprint``
+    (the pixels of an in-memory dataset; each file's path, size and modification time for a
+    folder of images, as reading every image would cost as much as the features). None for
+    datasets without one (then the cache trusts its key; ``recompute=True`` refreshes it)."""
+    fingerprint = getattr(dataset, "fingerprint", None)
+    return fingerprint(indices) if callable(fingerprint) else None
 
 
 def _dataset_batches(dataset, indices: list[int], batch_size: int):

@@ -1,0 +1,202 @@
+"""What ``sample.py`` does, importable: build a sampling job from the sample config (the
+checkpoint's module, the sampler settings, Fabric, the prepared network), draw the samples,
+save them, and evaluate FID, IS and bits/dim."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from ddpm_lightning.app.runtime import ConfigError
+
+METRICS = ("fid", "is", "nll")
+
+
+@dataclass
+class SamplingJob:
+    """A checkpoint ready to sample from: the module, the sampler settings, the Fabric of the
+    run and the network (EMA or raw) prepared on its device."""
+    cfg: DictConfig
+    module: object
+    settings: object
+    fabric: object
+    net: torch.nn.Module
+    run_config: dict
+    ckpt: dict
+    results: dict = field(default_factory=dict)
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self.fabric.is_global_zero
+
+
+def validate(cfg: DictConfig) -> dict:
+    """Check the request before any work; return the sampler settings given (non-null)."""
+    for key in ("num_samples", "batch_size", "devices", "grid_size"):
+        value = cfg[key]
+        low = 0 if key == "grid_size" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{key}={value!r} is invalid; it must be an integer >= {low}")
+    unknown = [m for m in cfg.metrics if m not in METRICS]
+    if unknown:
+        raise ConfigError(f"metrics={list(cfg.metrics)} has unknown {unknown[0]!r}; "
+                          f"valid: {', '.join(METRICS)}")
+    return {k: v for k, v in cfg.sampler.items() if v is not None}
+
+
+def check_inception(cfg: DictConfig) -> None:
+    """Fail fast when the Inception weights are missing, or lack the classifier IS needs."""
+    from ddpm_lightning.metrics import fid as fidlib
+    from ddpm_lightning.metrics.inception import has_fc
+
+    path = fidlib.resolve_weights(cfg.fid.weights_path, cfg.fid.download)
+    if "is" in cfg.metrics and path is not None \
+            and not has_fc(torch.load(path, map_location="cpu", weights_only=True)):
+        raise ConfigError(
+            f"metrics=[is]: Inception Score needs the 1008-class fc layer, which the offline "
+            f"weights at {path} lack; use the original torch-fidelity weights "
+            "(fid.download=true online, or fid.weights_path=that file)"
+        )
+
+
+def build(cfg: DictConfig) -> SamplingJob:
+    """Load the checkpoint, check every setting, start Fabric and prepare the network."""
+    from lightning.fabric import Fabric
+
+    from ddpm_lightning.core.inference import prepare
+    from ddpm_lightning.training.checkpoint import load_module
+
+    module, run_config, ckpt = load_module(cfg.ckpt_path, model_config=cfg.model)
+    T = module.diffusion.num_timesteps
+    settings = module.sampler.updated(validate(cfg), T, key="sampler")
+    if {"fid", "is"} & set(cfg.metrics):
+        check_inception(cfg)  # missing or fc-less weights fail before hours of sampling
+        if cfg.num_samples < 50_000:
+            print(f"note: num_samples={cfg.num_samples}: FID and IS are biased with fewer than "
+                  "the paper's 50,000 samples (2,000 samples leave an FID floor near 30)",
+                  file=sys.stderr)
+    fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices, precision=cfg.precision,
+                    strategy="ddp" if cfg.devices > 1 else "auto")
+    fabric.launch()
+    net = module.ema_model if cfg.use_ema else module.model
+    net = prepare(fabric.to_device(net), channels_last=cfg.channels_last, compile=cfg.compile)
+    results = {"ckpt_path": str(cfg.ckpt_path), "global_step": ckpt.get("global_step"),
+               "use_ema": cfg.use_ema, "sampler": settings.config(),
+               "num_samples": cfg.num_samples}
+    return SamplingJob(cfg, module, settings, fabric, net, run_config, ckpt, results)
+
+
+def gather(fabric, indices: torch.Tensor, images: torch.Tensor):
+    """All ranks' (indices, images) on every rank, ordered by index, without duplicates."""
+    if fabric.world_size == 1:
+        return indices, images
+    n = torch.tensor([indices.numel()], device=fabric.device)
+    most = int(fabric.all_gather(n).max())
+    pad_idx = torch.full((most,), -1, dtype=torch.long)
+    pad_img = torch.zeros((most, *images.shape[1:]), dtype=torch.uint8)
+    pad_idx[: indices.numel()] = indices
+    pad_img[: images.shape[0]] = images
+    all_idx = fabric.all_gather(pad_idx.to(fabric.device)).reshape(-1).cpu()
+    all_img = fabric.all_gather(pad_img.to(fabric.device)).reshape(-1, *images.shape[1:]).cpu()
+    keep = all_idx >= 0
+    order = torch.argsort(all_idx[keep])
+    idx, img = all_idx[keep][order], all_img[keep][order]
+    if not torch.equal(idx, torch.arange(idx.numel())):
+        raise RuntimeError("gathered sample indices are not 0..N-1 exactly once")
+    return idx, img
+
+
+def draw(job: SamplingJob) -> torch.Tensor:
+    """Every rank's share of the samples (uint8), gathered on every rank in index order."""
+    from ddpm_lightning.core.generate import generate
+
+    cfg, fabric = job.cfg, job.fabric
+    shape = (job.net.in_channels, job.net.image_size, job.net.image_size)
+    indices, images = generate(job.net, job.module.diffusion, cfg.num_samples, cfg.batch_size,
+                               shape, seed=cfg.seed, rank=fabric.global_rank,
+                               world_size=fabric.world_size, device=fabric.device,
+                               settings=job.settings, progress=cfg.progress and job.is_global_zero,
+                               autocast=fabric.autocast)
+    return gather(fabric, indices, images)[1]
+
+
+def save(out_dir: Path, images: torch.Tensor, grid_size: int) -> None:
+    """samples.npz (uint8 NHWC, the layout the TF FID/IS evaluators read; written atomically)
+    and grid.png of the first ``grid_size`` images."""
+    import numpy as np
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "samples.tmp.npz"
+    np.savez(tmp, arr_0=images.permute(0, 2, 3, 1).contiguous().numpy())
+    tmp.replace(out_dir / "samples.npz")
+    if grid_size:
+        from torchvision.utils import save_image
+
+        grid = images[:grid_size].float() / 255.0
+        save_image(grid, out_dir / "grid.png", nrow=int(np.ceil(np.sqrt(grid.shape[0]))))
+
+
+def _datamodule(job: SamplingJob, **kwargs):
+    from hydra.utils import instantiate
+
+    return instantiate(dict(job.run_config["data"]), num_workers=0, **kwargs)
+
+
+def nll(job: SamplingJob) -> dict:
+    """The bound in bits/dim (and its parts) on the configured split, summed over ranks."""
+    from ddpm_lightning.core.generate import bits_per_dim
+
+    cfg, fabric = job.cfg, job.fabric
+    dm = _datamodule(job, batch_size=cfg.nll.batch_size)
+    dm.setup("test")
+    loader = dm.test_dataloader() if cfg.nll.split == "test" else dm.train_dataloader()
+    sums = bits_per_dim(job.net, job.module.diffusion, loader, fabric.global_rank,
+                        fabric.world_size, fabric.device, cfg.nll.max_images,
+                        progress=cfg.progress and job.is_global_zero)
+    if fabric.world_size > 1:
+        sums = {k: fabric.all_reduce(v.to(fabric.device), reduce_op="sum").cpu()
+                for k, v in sums.items()}
+    n = float(sums.pop("count"))
+    return {"split": cfg.nll.split, "images": int(n),
+            **{f"{k}_bpd": float(v) / n for k, v in sums.items()}}
+
+
+def quality(job: SamplingJob, images: torch.Tensor) -> dict:
+    """FID against the cached reference statistics, and the Inception Score, as requested."""
+    from ddpm_lightning.metrics import fid as fidlib
+    from ddpm_lightning.metrics.reference import reference_stats
+
+    cfg, device, out = job.cfg.fid, job.fabric.device, {}
+    if "fid" in job.cfg.metrics:
+        stats = reference_stats(_datamodule(job), split=cfg.reference_split,
+                                max_images=cfg.reference_max_images, device=device,
+                                weights_path=cfg.weights_path, download=cfg.download)
+        value = fidlib.compute_fid(images, stats, device=device, weights_path=cfg.weights_path,
+                                   download=cfg.download)
+        out["fid"] = {"value": value, "reference": cfg.reference_split,
+                      "num_samples": int(images.shape[0])}
+    if "is" in job.cfg.metrics:
+        mean, std = fidlib.inception_score(images, splits=cfg.is_splits, device=device,
+                                           weights_path=cfg.weights_path, download=cfg.download)
+        out["is"] = {"mean": mean, "std": std, "splits": cfg.is_splits}
+    return out
+
+
+def run(job: SamplingJob, out_dir: Path) -> dict:
+    """Sample, save, evaluate; metrics.json on rank 0. Returns the results."""
+    images = draw(job)
+    metrics = set(job.cfg.metrics)
+    if job.is_global_zero:
+        save(out_dir, images, job.cfg.grid_size)
+    if "nll" in metrics:
+        job.results["nll"] = nll(job)
+    if job.is_global_zero and {"fid", "is"} & metrics:
+        job.results.update(quality(job, images))
+    if job.is_global_zero:
+        (out_dir / "metrics.json").write_text(json.dumps(job.results, indent=2) + "\n")
+    return job.results
