@@ -240,6 +240,7 @@ def test_fingerprint_follows_the_pixels_of_in_memory_datasets():
     assert reference.dataset_fingerprint(list(images), [0]) is None
 
 
+@pytest.mark.slow  # real data: 60,000 images read, 200 Inception passes
 @needs_helper
 @needs_fmnist
 def test_fashion_mnist_train_vs_test(weights, monkeypatch, tmp_path):

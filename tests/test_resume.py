@@ -75,6 +75,7 @@ def image_folder(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow  # the DataLoader path of the other mid-epoch tests, on image files
 def test_mid_epoch_resume_on_an_image_folder(tmp_path, image_folder):
     # 36 training images in batches of 4: 9 batches an epoch; stop at 6, go on into epoch 2
     args = [*BASE, "data=folder", f"data.root={image_folder}", "data.channels=1",
