@@ -37,7 +37,7 @@ BAD_TRAIN = [
      "/nonexistent/images"),
     (["data.channels=3"], "data.channels=3 does not match dataset 'embedded'"),
     (["trainer.devices=64"], "trainer.devices=64 is more than the"),
-    (["trainer.devices=0"], "`Trainer(devices=0)` value is not a valid input"),  # Lightning's
+    (["trainer.devices=0"], "trainer.devices=0 is invalid; use an integer >= 1 or -1"),
     (["module.sampler.steps=51"], "module.sampler.steps=51 is invalid"),
     (["module.sampler.eta=-0.1"], "module.sampler.eta=-0.1 is invalid"),
     (["resume=/nonexistent/last.ckpt"], "resume=/nonexistent/last.ckpt does not exist"),

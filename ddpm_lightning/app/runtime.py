@@ -45,15 +45,18 @@ def ensure_wandb_mode() -> str | None:
 
 
 def validate_trainer(trainer_cfg) -> None:
-    """Reject the trainer settings that Lightning accepts silently (max_steps=0 or 2.5, a
-    negative clip or log interval, limit_train_batches=0, ...) or fails on late (more devices
-    than the machine has). What Lightning itself refuses when the Trainer is built (devices=0,
-    num_nodes=0, negative limit_val_batches, ...) is left to it; its message, one line, names
-    the key and the value."""
+    """Check the trainer settings before any work, so that a bad one fails in one line naming
+    the key and the value and leaves no run folder behind. Most are values Lightning accepts
+    silently (max_steps=0 or 2.5, a negative clip or log interval, limit_train_batches=0, more
+    devices than the machine has); the few that Lightning refuses too (devices=0, num_nodes=0, a
+    negative limit_val_batches) it refuses only when the Trainer is built, after the loggers
+    have written into the run folder."""
     import torch
 
     devices, accel = trainer_cfg.get("devices", 1), str(trainer_cfg.get("accelerator", "auto"))
-    if isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1:
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        if devices < 1 and devices != -1:
+            raise ConfigError(f"trainer.devices={devices} is invalid; use an integer >= 1 or -1")
         available = (torch.cuda.device_count() if accel in ("gpu", "cuda")
                      else os.cpu_count() or 1 if accel == "cpu" else None)
         if available is not None and devices > available:
@@ -68,7 +71,9 @@ def validate_trainer(trainer_cfg) -> None:
         "gradient_clip_val": (lambda v: v is None or (_is_number(v) and 0 <= v < float("inf")),
                               "a number >= 0, or null"),
         "log_every_n_steps": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+        "num_nodes": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
         "limit_train_batches": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+        "limit_val_batches": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
         "val_check_interval": (lambda v: v is None or (_is_number(v) and v > 0),
                                "a number > 0, or null"),
         "check_val_every_n_epoch": (lambda v: v is None or (isinstance(v, int) and v >= 1),
