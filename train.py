@@ -38,8 +38,7 @@ def build(cfg: DictConfig, hc, run_dir: Path):
             "that run, or choose another directory"
         )
 
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
-        raise runtime.ConfigError(f"seed={cfg.seed!r} is invalid; it must be an integer")
+    runtime.check_int("seed", cfg.seed)
     runtime.validate_trainer(cfg.trainer)
     runtime.validate_callbacks(cfg.get("callbacks"))
     betas = instantiate(cfg.schedule)
@@ -95,10 +94,15 @@ def main(cfg: DictConfig) -> float | None:
     try:
         return runtime.objective(cfg.get("optimized_metric"), trainer)
     except runtime.ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        if str(hc.mode) != "RunMode.MULTIRUN":
-            sys.exit(1)
-        return None  # a failed trial; the sweep goes on
+        return _job_failed(err, hc)  # in a sweep: a failed trial, and the sweep goes on
+
+
+def _job_failed(err: BaseException, hc) -> None:
+    """A job that failed after its work began: one line; exit 1 unless in a sweep, where the
+    other jobs go on."""
+    print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+    if str(hc.mode) != "RunMode.MULTIRUN":
+        sys.exit(1)
 
 
 def _run(cfg: DictConfig, hc):
@@ -121,10 +125,7 @@ def _run(cfg: DictConfig, hc):
     except (FloatingPointError, CheckpointError) as err:
         # A diverged run (or a failed save) stops with one line; its last good checkpoint
         # stays. In a sweep, the other jobs go on.
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        if str(hc.mode) != "RunMode.MULTIRUN":
-            sys.exit(1)
-        return None
+        return _job_failed(err, hc)
     finally:
         if str(hc.mode) == "RunMode.MULTIRUN":
             runtime.reset_distributed(env_before)  # the next job of the sweep starts clean

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from ddpm_lightning.app.runtime import ConfigError
+from ddpm_lightning.app.runtime import ConfigError, check_int
 
 METRICS = ("fid", "is", "nll")
 
@@ -38,10 +38,7 @@ class SamplingJob:
 def validate(cfg: DictConfig) -> dict:
     """Check the request before any work; return the sampler settings given (non-null)."""
     for key in ("num_samples", "batch_size", "devices", "grid_size"):
-        value = cfg[key]
-        low = 0 if key == "grid_size" else 1
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"{key}={value!r} is invalid; it must be an integer >= {low}")
+        check_int(key, cfg[key], 0 if key == "grid_size" else 1)
     unknown = [m for m in cfg.metrics if m not in METRICS]
     if unknown:
         raise ConfigError(f"metrics={list(cfg.metrics)} has unknown {unknown[0]!r}; "
