@@ -1,4 +1,5 @@
-"""Fixtures shared by several test files: a tiny trained checkpoint and offline Inception weights."""
+"""Fixtures shared by several test files: the composed tiny config, a tiny trained checkpoint
+and offline Inception weights."""
 
 from __future__ import annotations
 
@@ -7,14 +8,31 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TINY, run_script
+from helpers import TINY, compose, run_main
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """``tiny_cfg(*overrides)`` → ``(cfg, hc)``: the TINY train config with these overrides as
+    ``train.main`` receives it (no ``hydra`` node), and its Hydra config; the run folder is
+    ``tmp_path``. For in-process tests of ``train.build``."""
+    from omegaconf import open_dict
+
+    def make(*overrides: str):
+        cfg = compose("train", *TINY, f"hydra.run.dir={tmp_path}", *overrides, hydra=True)
+        hc = cfg.hydra
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return cfg, hc
+
+    return make
 
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
     """last.ckpt of a 3-step train.py run of the TINY model (T = 50, 16×16, EMA decay 0.5)."""
     run = tmp_path_factory.mktemp("train") / "run"
-    proc = run_script("train.py", *TINY, f"hydra.run.dir={run}", "trainer.max_steps=3",
+    proc = run_main("train.py", *TINY, f"hydra.run.dir={run}", "trainer.max_steps=3",
                       "module.ema_decay=0.5")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run / "checkpoints" / "last.ckpt"

@@ -15,7 +15,7 @@ from ddpm_lightning.core.samplers import sample
 from ddpm_lightning.core.schedules import make_beta_schedule
 from ddpm_lightning.core.unet import UNet
 
-from helpers import TINY, run_script
+from helpers import TINY, run_main, run_script
 
 ROWS = [
     "mu_vlb_learned",
@@ -188,7 +188,7 @@ def test_table2_sweep_trains_every_row(tmp_path):
 
 
 def test_learned_variance_needs_twice_the_channels(tmp_path):
-    proc = run_script(
+    proc = run_main(
         "train.py",
         *TINY,
         f"hydra.run.dir={tmp_path / 'r'}",

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from ddpm_lightning.app import loggers, runtime
+
+from helpers import compose
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ["schedule", "model", "module", "data", "trainer", "logger", "callbacks", "experiment"]
@@ -19,8 +20,7 @@ OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml")
 
 
 def _compose(*overrides, hydra=False):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=list(overrides), return_hydra_config=hydra)
+    return compose("train", *overrides, hydra=hydra)
 
 
 def test_every_group_has_options():

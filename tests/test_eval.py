@@ -9,7 +9,7 @@ import pytest
 
 from ddpm_lightning.tools.wandb_records import find_runs, read_run
 
-from helpers import TINY, read_metrics, run_script, series
+from helpers import TINY, read_metrics, run_main, run_script, series
 
 EVAL = ["callbacks=eval", "callbacks.eval.every_n_steps=2", "callbacks.eval.num_samples=6",
         "callbacks.eval.batch_size=4", "callbacks.eval.reference.max_images=16",
@@ -34,8 +34,8 @@ def _eval_rows(run):
 
 def _csv_run(tmp_path, env):
     run = tmp_path / "run"
-    proc = run_script("train.py", *TINY, *EVAL, f"hydra.run.dir={run}", "trainer.max_steps=4",
-                      env=env)
+    proc = run_main("train.py", *TINY, *EVAL, f"hydra.run.dir={run}", "trainer.max_steps=4",
+                    env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = _eval_rows(run)
     for key, values in got.items():

@@ -318,11 +318,11 @@ def test_fid_callback_in_trainer_fit(weights, tmp_path):
 
 
 def test_fid_callback_config_composes():
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["callbacks=fid"])
+    from helpers import compose
+
+    cfg = compose("train", "callbacks=fid")
     assert {"checkpoint", "sample_grid", "schedule_plot", "fid"} <= set(cfg.callbacks)
     callback = instantiate(cfg.callbacks.fid)
     assert isinstance(callback, evaluation.FIDCallback) and callback.reference["split"] == "train"

@@ -13,9 +13,10 @@ import random
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, open_dict
+
+from helpers import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,8 +95,7 @@ def _numeric_keys(node, prefix=""):
 
 
 def _compose(overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=overrides, return_hydra_config=True)
+    return compose("train", *overrides, hydra=True)
 
 
 @pytest.fixture(scope="module")

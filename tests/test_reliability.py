@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -21,7 +20,7 @@ from ddpm_lightning.training.checkpoint import AtomicCheckpointIO, CheckpointErr
 from ddpm_lightning.training.data import DiffusionDataModule
 from ddpm_lightning.training.module import DDPM
 
-from helpers import ROOT, TINY, run_script
+from helpers import ROOT, TINY, run_main, run_script
 
 # ------------------------------------------------------------------ bad configuration
 
@@ -47,7 +46,7 @@ BAD_TRAIN = [
 @pytest.mark.parametrize("args, message", BAD_TRAIN, ids=[a[0] for a, _ in BAD_TRAIN])
 def test_bad_train_config_fails_before_any_work(args, message, tmp_path):
     run = tmp_path / "run"
-    proc = run_script("train.py", *TINY, f"hydra.run.dir={run}", *args)
+    proc = run_main("train.py", *TINY, f"hydra.run.dir={run}", *args)
     assert proc.returncode == 1, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, last
@@ -56,8 +55,12 @@ def test_bad_train_config_fails_before_any_work(args, message, tmp_path):
 
 
 def test_full_traceback_only_with_hydra_full_error(tmp_path):
-    proc = run_script("train.py", *TINY, f"hydra.run.dir={tmp_path / 'r'}", "schedule.T=0",
-                      env={"HYDRA_FULL_ERROR": "1"})
+    # a real process: the one-line error above is also what the command line prints
+    proc = run_script("train.py", *TINY, f"hydra.run.dir={tmp_path / 'r0'}", "schedule.T=0")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: schedule.T=0 is invalid")
+    proc = run_main("train.py", *TINY, f"hydra.run.dir={tmp_path / 'r'}", "schedule.T=0",
+                    env={"HYDRA_FULL_ERROR": "1"})
     assert proc.returncode == 1 and "Traceback" in proc.stderr
 
 
@@ -68,18 +71,10 @@ BAD_SAMPLE = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("ckpt") / "run"
-    proc = run_script("train.py", *TINY, f"hydra.run.dir={run}", "trainer.max_steps=2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run / "checkpoints" / "last.ckpt"
-
-
 @pytest.mark.parametrize("args, message", BAD_SAMPLE, ids=[a[0] for a, _ in BAD_SAMPLE])
 def test_bad_sample_request_fails_before_any_work(args, message, tmp_path, tiny_ckpt):
     out = tmp_path / "s"
-    proc = run_script("sample.py", f"ckpt_path={tiny_ckpt}", f"hydra.run.dir={out}", *args)
+    proc = run_main("sample.py", f"ckpt_path={tiny_ckpt}", f"hydra.run.dir={out}", *args)
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, last
@@ -87,7 +82,7 @@ def test_bad_sample_request_fails_before_any_work(args, message, tmp_path, tiny_
 
 
 def test_missing_checkpoint_path_for_sampling(tmp_path):
-    proc = run_script("sample.py", "ckpt_path=/no/such.ckpt", f"hydra.run.dir={tmp_path / 's'}")
+    proc = run_main("sample.py", "ckpt_path=/no/such.ckpt", f"hydra.run.dir={tmp_path / 's'}")
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == "error: ckpt_path=/no/such.ckpt does not exist"
 
@@ -97,14 +92,14 @@ def test_missing_checkpoint_path_for_sampling(tmp_path):
 def test_truncated_or_foreign_checkpoint_is_refused_on_resume(tmp_path, tiny_ckpt):
     bad = tmp_path / "trunc.ckpt"
     bad.write_bytes(tiny_ckpt.read_bytes()[:3000])
-    proc = run_script("train.py", *TINY, f"hydra.run.dir={tmp_path / 'r'}", f"resume={bad}")
+    proc = run_main("train.py", *TINY, f"hydra.run.dir={tmp_path / 'r'}", f"resume={bad}")
     assert proc.returncode == 1 and "is not a readable checkpoint" in proc.stderr
-    proc = run_script("train.py", *TINY, f"hydra.run.dir={tmp_path / 'r2'}", f"resume={tiny_ckpt}",
+    proc = run_main("train.py", *TINY, f"hydra.run.dir={tmp_path / 'r2'}", f"resume={tiny_ckpt}",
                       "schedule=cosine")
     assert proc.returncode == 1
     assert "was trained with schedule.name='linear', but this run has schedule.name='cosine'" \
         in proc.stderr
-    proc = run_script("train.py", *TINY, f"hydra.run.dir={tmp_path / 'r3'}", f"resume={tiny_ckpt}",
+    proc = run_main("train.py", *TINY, f"hydra.run.dir={tmp_path / 'r3'}", f"resume={tiny_ckpt}",
                       "model.ch=64")
     assert proc.returncode == 1 and "was trained with model.ch=32" in proc.stderr
 
@@ -112,7 +107,7 @@ def test_truncated_or_foreign_checkpoint_is_refused_on_resume(tmp_path, tiny_ckp
 def test_new_run_never_overwrites_an_existing_runs_checkpoints(tmp_path, tiny_ckpt):
     run = tiny_ckpt.parent.parent
     before = tiny_ckpt.read_bytes()
-    proc = run_script("train.py", *TINY, f"hydra.run.dir={run}", "trainer.max_steps=2")
+    proc = run_main("train.py", *TINY, f"hydra.run.dir={run}", "trainer.max_steps=2")
     assert proc.returncode == 1 and "already holds checkpoints" in proc.stderr
     assert tiny_ckpt.read_bytes() == before
 
@@ -219,7 +214,7 @@ def test_injected_nan_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path
 
 def test_diverging_cli_run_exits_with_one_line(tmp_path):
     run = tmp_path / "run"
-    proc = run_script("train.py", *TINY, f"hydra.run.dir={run}", "trainer.max_steps=50",
+    proc = run_main("train.py", *TINY, f"hydra.run.dir={run}", "trainer.max_steps=50",
                       "module.lr=1e9", "module.warmup_steps=0", "trainer.gradient_clip_val=null",
                       "callbacks.checkpoint.every_n_train_steps=1")
     assert proc.returncode == 1, proc.stderr[-2000:]

@@ -4,13 +4,14 @@ t history all resume. Every test stops where an epoch is not over."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import ROOT, TINY, read_metrics, run_script, series
+from helpers import ROOT, TINY, read_metrics, run_main, run_script, series
 
 # batch 8 of the 4,500 embedded training digits: 562 batches an epoch, so every stop below is
 # mid-epoch; no grids (they do not touch the training streams, but cost time)
@@ -28,12 +29,13 @@ def _losses(run: Path) -> list[tuple[int, float]]:
 
 def _compare(tmp_path, args, stop: int, total: int, timeout=600):
     """Run uninterrupted for ``total`` steps; run again stopping at ``stop``, resume to
-    ``total``; return both loss sequences."""
+    ``total`` in a fresh process (as after a preemption); return both loss sequences. The
+    first two run in this process, unless ``args`` ask for DDP."""
+    ddp = "trainer=ddp" in args
+    run = functools.partial(run_script, timeout=timeout) if ddp else run_main
     full, part = tmp_path / "full", tmp_path / "part"
-    _ok(run_script("train.py", *args, f"hydra.run.dir={full}", f"trainer.max_steps={total}",
-                   timeout=timeout))
-    _ok(run_script("train.py", *args, f"hydra.run.dir={part}", f"trainer.max_steps={stop}",
-                   timeout=timeout))
+    _ok(run("train.py", *args, f"hydra.run.dir={full}", f"trainer.max_steps={total}"))
+    _ok(run("train.py", *args, f"hydra.run.dir={part}", f"trainer.max_steps={stop}"))
     resumed = _ok(run_script("train.py", *args, f"hydra.run.dir={tmp_path / 'unused'}",
                              f"trainer.max_steps={total}",
                              f"resume={part / 'checkpoints' / 'last.ckpt'}", timeout=timeout))
@@ -87,7 +89,7 @@ def test_mid_epoch_resume_on_an_image_folder(tmp_path, image_folder):
 def test_sigterm_mid_epoch_then_resume_auto(tmp_path):
     env = {"PYTHONPATH": str(ROOT / "tests")}
     full, run = tmp_path / "full", tmp_path / "run"
-    _ok(run_script("train.py", *BASE, f"hydra.run.dir={full}", "trainer.max_steps=12", env=env))
+    _ok(run_main("train.py", *BASE, f"hydra.run.dir={full}", "trainer.max_steps=12"))
     stopped = _ok(run_script("train.py", *BASE, f"hydra.run.dir={run}", "trainer.max_steps=12",
                              "+callbacks.kill._target_=helpers.SigtermAt",
                              "+callbacks.kill.step=7", env=env))
@@ -107,8 +109,8 @@ def test_mid_epoch_resume_under_two_rank_ddp(tmp_path):
 
 def test_resume_refuses_another_batch_size_mid_epoch(tmp_path):
     part = tmp_path / "part"
-    _ok(run_script("train.py", *BASE, f"hydra.run.dir={part}", "trainer.max_steps=3"))
-    proc = run_script("train.py", *BASE, "data.batch_size=4", f"hydra.run.dir={part}",
+    _ok(run_main("train.py", *BASE, f"hydra.run.dir={part}", "trainer.max_steps=3"))
+    proc = run_main("train.py", *BASE, "data.batch_size=4", f"hydra.run.dir={part}",
                       "trainer.max_steps=6", "resume=auto")
     assert proc.returncode != 0
     assert "batch_size=8, this run has batch_size=4" in proc.stderr, proc.stderr[-2000:]
@@ -119,10 +121,10 @@ def test_device_data_gives_the_dataloader_batches_and_resumes(tmp_path):
     losses bit for bit, also when stopped mid-epoch (4-batch epochs, stop at 6) and resumed."""
     args = [*BASE, "data.random_flip=true", "trainer.limit_train_batches=4"]
     full, part = tmp_path / "full", tmp_path / "part"
-    _ok(run_script("train.py", *args, "data.on_device=false", f"hydra.run.dir={full}",
-                   "trainer.max_steps=10"))
+    _ok(run_main("train.py", *args, "data.on_device=false", f"hydra.run.dir={full}",
+                 "trainer.max_steps=10"))
     device = [*args, "data.on_device=true"]
-    _ok(run_script("train.py", *device, f"hydra.run.dir={part}", "trainer.max_steps=6"))
+    _ok(run_main("train.py", *device, f"hydra.run.dir={part}", "trainer.max_steps=6"))
     _ok(run_script("train.py", *device, f"hydra.run.dir={tmp_path / 'unused'}",
                    "trainer.max_steps=10", f"resume={part / 'checkpoints' / 'last.ckpt'}"))
     _assert_bit_equal(_losses(full), _losses(part), 10)

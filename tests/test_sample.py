@@ -11,7 +11,7 @@ import torch
 
 from ddpm_lightning.training.checkpoint import CheckpointError, load_module, read_checkpoint
 
-from helpers import run_script
+from helpers import compose, run_main, run_script
 
 
 @pytest.fixture
@@ -19,9 +19,11 @@ def ckpt(tiny_ckpt) -> Path:
     return tiny_ckpt
 
 
-def _sample(ckpt, out, *args, **kw):
-    return run_script("sample.py", f"ckpt_path={ckpt}", f"hydra.run.dir={out}", "progress=false",
-                      *args, **kw)
+def _sample(ckpt, out, *args, ddp: bool = False, **kw):
+    """sample.py in this process; with ``ddp`` (devices=2 spawns ranks) as a subprocess."""
+    run = run_script if ddp else run_main
+    return run("sample.py", f"ckpt_path={ckpt}", f"hydra.run.dir={out}", "progress=false",
+               *args, **kw)
 
 
 def _npz(out: Path) -> np.ndarray:
@@ -44,7 +46,7 @@ def test_ddp_sampling_gathers_every_sample_once(ckpt, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     common = ["num_samples=7", "batch_size=2", "sampler.name=ddim", "sampler.steps=10"]
     assert _sample(ckpt, one, *common).returncode == 0
-    proc = _sample(ckpt, two, *common, "devices=2", "accelerator=cpu", timeout=600)
+    proc = _sample(ckpt, two, *common, "devices=2", "accelerator=cpu", ddp=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _npz(one), _npz(two)
     assert b.shape == (7, 16, 16, 1)
@@ -141,11 +143,11 @@ def test_fid_in_training_equals_sample_py_fid(tmp_path, torch_home):
 
     env = {"TORCH_HOME": str(torch_home), "DDPM_FID_CACHE": str(tmp_path / "stats")}
     run = tmp_path / "run"
-    proc = run_script("train.py", *TINY, f"hydra.run.dir={run}", "trainer.max_steps=3",
-                      "callbacks=fid", "callbacks.fid.every_n_steps=3",
-                      "callbacks.fid.num_samples=6", "callbacks.fid.batch_size=4",
-                      "callbacks.fid.reference.max_images=16",
-                      "++callbacks.fid.sampler.steps=10", env=env)
+    proc = run_main("train.py", *TINY, f"hydra.run.dir={run}", "trainer.max_steps=3",
+                    "callbacks=fid", "callbacks.fid.every_n_steps=3",
+                    "callbacks.fid.num_samples=6", "callbacks.fid.batch_size=4",
+                    "callbacks.fid.reference.max_images=16",
+                    "++callbacks.fid.sampler.steps=10", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (step, in_training), = series(read_metrics(run), "val/fid")
     assert step == 3
@@ -163,18 +165,12 @@ def test_build_and_run_in_process(ckpt, tmp_path):
     """app.sampling.build wires the composed sample config into a job without Hydra's runtime;
     run writes what sample.py writes, the same samples again for the same seed, and a bad
     setting fails in build with one line."""
-    from hydra import compose, initialize_config_dir
-
     from ddpm_lightning.app import sampling
     from ddpm_lightning.app.runtime import ConfigError
 
-    from helpers import ROOT
-
     def composed(*overrides):
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            return compose("sample", overrides=[f"ckpt_path={ckpt}", "progress=false",
-                                                "num_samples=6", "batch_size=4", "grid_size=4",
-                                                "sampler.steps=3", *overrides])
+        return compose("sample", f"ckpt_path={ckpt}", "progress=false", "num_samples=6",
+                       "batch_size=4", "grid_size=4", "sampler.steps=3", *overrides)
 
     job = sampling.build(composed("metrics=[nll]", "nll.max_images=4", "accelerator=cpu"))
     assert job.settings.steps == 3 and job.net is not job.module.model  # the EMA weights

@@ -1,4 +1,5 @@
-"""train.py end to end, as subprocesses on tiny models (CPU)."""
+"""train.py end to end on tiny models (CPU): in this process (``run_main``), and as
+subprocesses for DDP, multirun and the resumed half of a resume."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import TINY, read_metrics, run_script, series
+from helpers import TINY, read_metrics, run_main, run_script, series
 
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf/experiment").glob("*.yaml"))
 
@@ -37,7 +38,7 @@ def test_every_experiment_trains_two_steps(experiment, tmp_path, rgb_folder):
     if experiment != "cpu_embedded":  # the paper's datasets are not on this machine
         args += ["data=folder", f"data.root={rgb_folder}", "data.num_workers=0",
                  "model.in_channels=3", "data.channels=3"]
-    _ok(run_script("train.py", *args))
+    _ok(run_main("train.py", *args))
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert (run / "schedule.png").is_file()
     assert list((run / "samples").glob("step_*.png"))
@@ -49,8 +50,8 @@ def test_every_experiment_trains_two_steps(experiment, tmp_path, rgb_folder):
 
 def test_logged_keys(tmp_path):
     run = tmp_path / "run"
-    _ok(run_script("train.py", *TINY, f"hydra.run.dir={run}", "trainer.max_steps=4",
-                   "trainer.val_check_interval=2", "module.check_every_n_steps=2"))
+    _ok(run_main("train.py", *TINY, f"hydra.run.dir={run}", "trainer.max_steps=4",
+                 "trainer.val_check_interval=2", "module.check_every_n_steps=2"))
     rows = read_metrics(run)
     keys = set().union(*(r.keys() for r in rows))
     for key in ("train/loss", "train/loss_q0", "train/loss_q3", "train/lr", "train/grad_norm",
@@ -86,9 +87,9 @@ def test_resume_gives_the_same_losses(tmp_path, extra):
     common = [*TINY, *extra, "trainer.limit_train_batches=3",
               "callbacks.checkpoint.every_n_train_steps=3"]
     full = tmp_path / "full"
-    _ok(run_script("train.py", *common, f"hydra.run.dir={full}", "trainer.max_steps=6"))
+    _ok(run_main("train.py", *common, f"hydra.run.dir={full}", "trainer.max_steps=6"))
     part = tmp_path / "part"
-    _ok(run_script("train.py", *common, f"hydra.run.dir={part}", "trainer.max_steps=3"))
+    _ok(run_main("train.py", *common, f"hydra.run.dir={part}", "trainer.max_steps=3"))
     ckpt = part / "checkpoints" / "last.ckpt"
     resumed = _ok(run_script("train.py", *common, f"hydra.run.dir={tmp_path / 'again'}",
                              "trainer.max_steps=6", f"resume={ckpt}"))
@@ -109,9 +110,9 @@ def test_resume_gives_the_same_losses(tmp_path, extra):
 
 def test_resume_auto_finds_the_last_checkpoint(tmp_path):
     outputs = tmp_path / "outputs"
-    first = _ok(run_script("train.py", *TINY, "trainer.max_steps=2", cwd=tmp_path))
+    first = _ok(run_main("train.py", *TINY, "trainer.max_steps=2", cwd=tmp_path))
     assert "run directory:" in first.stdout
-    second = _ok(run_script("train.py", *TINY, "trainer.max_steps=4", "resume=auto", cwd=tmp_path))
+    second = _ok(run_main("train.py", *TINY, "trainer.max_steps=4", "resume=auto", cwd=tmp_path))
     assert "resuming from" in second.stderr
     runs = [p for p in (outputs / "cpu_embedded").iterdir() if (p / "checkpoints").is_dir()]
     assert len(runs) == 1
@@ -193,22 +194,7 @@ def test_wandb_falls_back_to_offline(tmp_path):
         assert key in blob, key
 
 
-def _composed(tmp_path, *overrides):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import open_dict
-
-    from helpers import ROOT
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*TINY, f"hydra.run.dir={tmp_path}", *overrides],
-                      return_hydra_config=True)
-    hc = cfg.hydra
-    with open_dict(cfg):
-        del cfg["hydra"]  # the job's config, as train.main receives it
-    return cfg, hc
-
-
-def test_build_in_process(tmp_path):
+def test_build_in_process(tmp_path, tiny_cfg):
     """train.build wires the composed config into (module, data, trainer) without Hydra's
     runtime, and a config whose groups do not fit fails in it with one line."""
     import sys
@@ -224,7 +210,7 @@ def test_build_in_process(tmp_path):
     from ddpm_lightning.training.module import DDPM
 
     module, data, trainer, resume, run_dir = train.build(
-        *_composed(tmp_path, "trainer.max_steps=7"), tmp_path)
+        *tiny_cfg("trainer.max_steps=7"), tmp_path)
     assert isinstance(module, DDPM) and isinstance(data, DiffusionDataModule)
     assert isinstance(trainer, L.Trainer) and trainer.max_steps == 7 and resume is None
     assert run_dir == tmp_path and module.diffusion.num_timesteps == 50
@@ -232,7 +218,6 @@ def test_build_in_process(tmp_path):
     assert not any(isinstance(cb, FIDCallback) for cb in trainer.callbacks)
     with pytest.raises(ValueError, match=r"^data.image_size=32 does not match "
                                          r"model.image_size=16$"):
-        train.build(*_composed(tmp_path, "data.image_size=32"), tmp_path)
+        train.build(*tiny_cfg("data.image_size=32"), tmp_path)
     with pytest.raises(ValueError, match=r"^callbacks.fid.sampler.steps=99 is invalid"):
-        train.build(*_composed(tmp_path, "callbacks=fid", "++callbacks.fid.sampler.steps=99"),
-                    tmp_path)
+        train.build(*tiny_cfg("callbacks=fid", "++callbacks.fid.sampler.steps=99"), tmp_path)

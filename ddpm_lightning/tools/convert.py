@@ -51,7 +51,7 @@ from ddpm_lightning.tools.diffusers_unet import (
     load_diffusers_weights,
     unet_from_diffusers,
 )
-from ddpm_lightning.training.module import to_plain
+from ddpm_lightning.training.hparams import to_plain
 
 __all__ = [
     "CONF_DIR",

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm_lightning.training.module import to_plain
+from ddpm_lightning.training.hparams import to_plain
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 UNET_TARGET = "ddpm_lightning.core.unet.UNet"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -16,6 +15,7 @@ from ddpm_lightning.core.diffusion import GaussianDiffusion
 from ddpm_lightning.core.flops import precision_dtype, train_flops_per_image
 from ddpm_lightning.core.samplers import SamplerSettings
 from ddpm_lightning.core.timesteps import make_timestep_sampler
+from ddpm_lightning.training.hparams import check_number, to_plain
 from ddpm_lightning.training.rng import collect_rng_states, fold_rank_into_rng, set_rng_states
 
 # The EMA copy is in eval mode on purpose; Lightning warns about any module in eval mode.
@@ -84,14 +84,14 @@ class DDPM(L.LightningModule):
         check_every_n_steps: int = 50,
     ):
         super().__init__()
-        _check_number("module.lr", lr, "a finite number > 0", lambda v: v > 0)
-        _check_number("module.ema_decay", ema_decay, "a number in [0, 1)", lambda v: 0 <= v < 1)
-        _check_number("module.warmup_steps", warmup_steps, "an integer >= 0",
+        check_number("module.lr", lr, "a finite number > 0", lambda v: v > 0)
+        check_number("module.ema_decay", ema_decay, "a number in [0, 1)", lambda v: 0 <= v < 1)
+        check_number("module.warmup_steps", warmup_steps, "an integer >= 0",
                       lambda v: v >= 0 and float(v).is_integer() and isinstance(v, int))
-        _check_number("module.weight_decay", weight_decay, "a finite number >= 0",
+        check_number("module.weight_decay", weight_decay, "a finite number >= 0",
                       lambda v: v >= 0)
-        _check_number("module.adam_eps", adam_eps, "a finite number > 0", lambda v: v > 0)
-        _check_number("module.check_every_n_steps", check_every_n_steps, "an integer >= 1",
+        check_number("module.adam_eps", adam_eps, "a finite number > 0", lambda v: v > 0)
+        check_number("module.check_every_n_steps", check_every_n_steps, "an integer >= 1",
                       lambda v: isinstance(v, int) and v >= 1)
         self.check_every_n_steps = check_every_n_steps
         if len(adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in adam_betas):
@@ -396,19 +396,3 @@ class DDPM(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-def _check_number(key: str, value, valid: str, ok) -> None:
-    """Raise a one-line ValueError unless ``value`` is a finite real number passing ``ok``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not math.isfinite(value) or not ok(value):
-        raise ValueError(f"{key}={value!r} is invalid; it must be {valid}")
-
-
-def to_plain(value):
-    """Mappings and sequences (config containers included) → dicts and lists, recursively."""
-    if isinstance(value, Mapping):
-        return {k: to_plain(v) for k, v in value.items()}
-    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        return [to_plain(v) for v in value]
-    return value
