@@ -15,7 +15,7 @@ from helpers import TINY, compose, run_main
 def tiny_cfg(tmp_path):
     """``tiny_cfg(*overrides)`` → ``(cfg, hc)``: the TINY train config with these overrides as
     ``train.main`` receives it (no ``hydra`` node), and its Hydra config; the run folder is
-    ``tmp_path``. For in-process tests of ``train.build``."""
+    ``tmp_path``. For in-process tests of ``app.training.build``."""
     from omegaconf import open_dict
 
     def make(*overrides: str):

@@ -2,11 +2,10 @@
 
 Each numeric key of the default config has a validity rule below (a new numeric key without
 a rule fails the test). Random values are drawn; every value the rule calls invalid must make
-``train.build`` (plus the data's setup) raise before any training."""
+``app.training.build`` (plus the data's setup) raise before any training."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import random
@@ -98,14 +97,6 @@ def _compose(overrides):
     return compose("train", *overrides, hydra=True)
 
 
-@pytest.fixture(scope="module")
-def train_entry():
-    spec = importlib.util.spec_from_file_location("train_entry", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_every_numeric_key_has_a_rule():
     keys = set(_numeric_keys(_compose(BASE)))
     missing = sorted(k for k in keys if k not in RULES)
@@ -130,7 +121,9 @@ def _override(key, value):
     return f"{key}={text}"
 
 
-def test_random_invalid_values_never_succeed_silently(train_entry, tmp_path, monkeypatch):
+def test_random_invalid_values_never_succeed_silently(tmp_path, monkeypatch):
+    from ddpm_lightning.app.training import build as train_build
+
     monkeypatch.chdir(tmp_path)
 
     def build(cfg, name):
@@ -141,7 +134,7 @@ def test_random_invalid_values_never_succeed_silently(train_entry, tmp_path, mon
         hc = HydraConfig.get()
         with open_dict(cfg):
             del cfg["hydra"]  # as in a real run, the job's config has no hydra node
-        _, datamodule, _, _, _ = train_entry.build(cfg, hc, tmp_path / name)
+        _, datamodule, _, _, _ = train_build(cfg, hc, tmp_path / name)
         datamodule.setup("fit")
 
     build(_compose(BASE), "control")  # the harness itself accepts a valid config

@@ -195,29 +195,35 @@ def test_wandb_falls_back_to_offline(tmp_path):
 
 
 def test_build_in_process(tmp_path, tiny_cfg):
-    """train.build wires the composed config into (module, data, trainer) without Hydra's
+    """app.training.build wires the composed config into (module, data, trainer) without Hydra's
     runtime, and a config whose groups do not fit fails in it with one line."""
-    import sys
-
     import lightning as L
 
-    from helpers import ROOT
-
-    sys.path.insert(0, str(ROOT))
-    import train
+    from ddpm_lightning.app import training
     from ddpm_lightning.training.data import DiffusionDataModule
     from ddpm_lightning.training.evaluation import FIDCallback
     from ddpm_lightning.training.module import DDPM
 
-    module, data, trainer, resume, run_dir = train.build(
+    module, data, trainer, resume, run_dir = training.build(
         *tiny_cfg("trainer.max_steps=7"), tmp_path)
     assert isinstance(module, DDPM) and isinstance(data, DiffusionDataModule)
     assert isinstance(trainer, L.Trainer) and trainer.max_steps == 7 and resume is None
     assert run_dir == tmp_path and module.diffusion.num_timesteps == 50
     assert module.sampler.name == "dpm_solver" and module.sampler.steps == 5
     assert not any(isinstance(cb, FIDCallback) for cb in trainer.callbacks)
+    # a ModelCheckpoint given no dirpath, under any key, writes into the run's checkpoints/
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    _, _, trainer, _, _ = training.build(*tiny_cfg(
+        "+callbacks.best._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+        "+callbacks.best.every_n_train_steps=7",
+        "+callbacks.elsewhere._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+        "+callbacks.elsewhere.every_n_train_steps=9",
+        f"+callbacks.elsewhere.dirpath={tmp_path / 'mine'}"), tmp_path)
+    dirs = sorted(cb.dirpath for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint))
+    assert dirs == sorted([str(tmp_path / "checkpoints")] * 2 + [str(tmp_path / "mine")])
     with pytest.raises(ValueError, match=r"^data.image_size=32 does not match "
                                          r"model.image_size=16$"):
-        train.build(*tiny_cfg("data.image_size=32"), tmp_path)
+        training.build(*tiny_cfg("data.image_size=32"), tmp_path)
     with pytest.raises(ValueError, match=r"^callbacks.fid.sampler.steps=99 is invalid"):
-        train.build(*tiny_cfg("callbacks=fid", "++callbacks.fid.sampler.steps=99"), tmp_path)
+        training.build(*tiny_cfg("callbacks=fid", "++callbacks.fid.sampler.steps=99"), tmp_path)

@@ -75,22 +75,28 @@ def run_identity(cfg: DictConfig, hydra_cfg, argv: list[str] | None = None) -> d
 
 def make_loggers(cfg: DictConfig, hydra_cfg, run_dir: Path, resuming: bool) -> list:
     """The configured logger (or none), with the run's identity and its resume folder."""
-    from hydra.utils import instantiate
+    from hydra.utils import get_class, instantiate
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
     logger_cfg = cfg.get("logger")
     if not logger_cfg or "_target_" not in logger_cfg:
         return []
     identity = run_identity(cfg, hydra_cfg)
     target = logger_cfg._target_
+    try:
+        cls = get_class(target)
+    except Exception as err:
+        raise ConfigError(f"logger._target_={target}: {' '.join(str(err).split())}") from err
+    is_wandb = issubclass(cls, WandbLogger)
     extra = {"save_dir": str(run_dir)}
     run_id_file = run_dir / "wandb_run_id.txt"
-    if target.endswith("WandbLogger"):
+    if is_wandb:
         ensure_wandb_mode()
         extra.update(name=logger_cfg.get("name") or identity["name"],
                      group=logger_cfg.get("group") or identity["group"])
         if resuming and run_id_file.is_file():
             extra.update(id=run_id_file.read_text().strip(), resume="allow")
-    elif target.endswith("CSVLogger") and resuming:
+    elif issubclass(cls, CSVLogger) and resuming:
         # Lightning's CSV writer deletes an existing metrics.csv: log a resume to its own file
         n = 1
         while (run_dir / logger_cfg.name / f"resume_{n}").exists():
@@ -104,7 +110,7 @@ def make_loggers(cfg: DictConfig, hydra_cfg, run_dir: Path, resuming: bool) -> l
     hparams["overrides"] = identity["overrides"]
     hparams["sweep"] = identity["sweep"]  # flat, so that W&B's group-by works on them
     logger.log_hyperparams(hparams)
-    if target.endswith("WandbLogger"):
+    if is_wandb:
         from lightning.pytorch.utilities import rank_zero_only
 
         if rank_zero_only.rank == 0:

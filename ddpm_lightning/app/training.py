@@ -1,0 +1,120 @@
+"""What ``train.py`` does, importable: build a training job from the composed config (resume
+resolution, the module, data, callbacks, loggers and the Trainer), then fit it."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from ddpm_lightning.app import runtime
+from ddpm_lightning.app.loggers import make_loggers
+from ddpm_lightning.training.checkpoint import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    check_fits,
+    read_checkpoint,
+)
+
+
+def build(cfg: DictConfig, hc, run_dir: Path):
+    """Instantiate everything (no data is loaded here), so bad configs fail before any work.
+    ``hc`` is the Hydra config of the job and ``run_dir`` its output folder. Returns
+    ``(module, datamodule, trainer, resume_ckpt, run_dir)``; ``run_dir`` is the folder of the
+    run being resumed, if any."""
+    from hydra.utils import instantiate
+
+    resume_ckpt = runtime.find_resume_checkpoint(cfg.resume, run_dir, run_dir.parent)
+    if resume_ckpt is not None and resume_ckpt.parent.name == "checkpoints":
+        run_dir = resume_ckpt.parent.parent  # keep writing into the run that is resumed
+    elif (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        raise runtime.ConfigError(
+            f"hydra.run.dir={run_dir} already holds checkpoints; pass resume=auto to continue "
+            "that run, or choose another directory"
+        )
+
+    runtime.check_int("seed", cfg.seed)
+    runtime.validate_trainer(cfg.trainer)
+    runtime.validate_callbacks(cfg.get("callbacks"))
+    module = instantiate(cfg.module, model=instantiate(cfg.model),
+                         betas=instantiate(cfg.schedule), run_config=runtime.to_container(cfg),
+                         _recursive_=False)
+    module.schedule_name = cfg.schedule.name
+    if resume_ckpt is not None:  # refuse a corrupt or foreign checkpoint before any work
+        ckpt = read_checkpoint(resume_ckpt, key="resume")
+        runtime.check_same_run(ckpt["hyper_parameters"]["run_config"], cfg, resume_ckpt)
+        check_fits(module, ckpt["state_dict"], "resume", resume_ckpt)
+        module.timesteps.load_state_dict(ckpt.get("timestep_sampler") or {})  # fits this run?
+        del ckpt
+    datamodule = instantiate(cfg.data)
+    datamodule.check_source()
+    module.check_data(datamodule)
+    callbacks = make_callbacks(cfg.get("callbacks"), run_dir / "checkpoints")
+    for cb in callbacks:  # a callback that owns settings about the module checks them now
+        if hasattr(cb, "check_module"):
+            cb.check_module(module)
+    loggers = make_loggers(cfg, hc, run_dir, resuming=resume_ckpt is not None)
+    trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks,
+                          logger=loggers or False, plugins=[AtomicCheckpointIO()])
+    return module, datamodule, trainer, resume_ckpt, run_dir
+
+
+def make_callbacks(callbacks_cfg, checkpoint_dir: Path) -> list:
+    """One callback per configured entry (``null`` entries are switched off). A checkpoint
+    callback (a ``ModelCheckpoint``) given no ``dirpath`` writes into the run's checkpoints
+    folder, where ``resume=auto`` looks."""
+    from hydra.utils import get_class, instantiate
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    callbacks = []
+    for cb_cfg in (callbacks_cfg or {}).values():
+        if cb_cfg is None or "_target_" not in cb_cfg:
+            continue
+        extra = {}
+        if cb_cfg.get("dirpath") is None and issubclass(get_class(cb_cfg._target_), ModelCheckpoint):
+            extra["dirpath"] = str(checkpoint_dir)
+        callbacks.append(instantiate(cb_cfg, **extra))
+    return callbacks
+
+
+def run(cfg: DictConfig, hc):
+    """Build and fit; the trainer, or None if the job failed after its work began (diverged,
+    or a checkpoint could not be saved). A config error before any work exits with one line."""
+    from hydra.errors import InstantiationException
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        module, datamodule, trainer, resume_ckpt, run_dir = build(
+            cfg, hc, Path(hc.runtime.output_dir))
+    except (ValueError, FileNotFoundError, TypeError, InstantiationException,
+            MisconfigurationException) as err:
+        runtime.fail_before_work(err, Path(hc.runtime.output_dir))
+    if trainer.is_global_zero:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        if resume_ckpt is not None:
+            print(f"resuming from {resume_ckpt}", file=sys.stderr)
+    env_before = dict(os.environ)
+    try:
+        trainer.fit(module, datamodule=datamodule,
+                    ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+    except (FloatingPointError, CheckpointError) as err:
+        # A diverged run (or a failed save) stops with one line; its last good checkpoint
+        # stays. In a sweep, the other jobs go on.
+        return job_failed(err, hc)
+    finally:
+        if str(hc.mode) == "RunMode.MULTIRUN":
+            runtime.reset_distributed(env_before)  # the next job of the sweep starts clean
+    runtime.end_distributed()  # every rank got here: a clean shutdown of the process group
+    if trainer.is_global_zero:
+        print(f"run directory: {run_dir}")
+    return trainer
+
+
+def job_failed(err: BaseException, hc) -> None:
+    """A job that failed after its work began: one line; exit 1 unless in a sweep, where the
+    other jobs go on."""
+    print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+    if str(hc.mode) != "RunMode.MULTIRUN":
+        sys.exit(1)
