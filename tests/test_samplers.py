@@ -58,6 +58,9 @@ def test_pinned_spacing_values():
         [99, 199, 299, 399, 499, 599, 699, 799, 899, 999]
     assert timestep_subsequence(1000, 10, "linspace").tolist() == \
         [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
+    # a stride T/S that is not an integer: trailing rounds (diffusers' rule), it does not floor
+    assert timestep_subsequence(1000, 3, "trailing").tolist() == [332, 666, 999]
+    assert timestep_subsequence(50, 7, "trailing").tolist() == [6, 13, 20, 28, 35, 42, 49]
     assert timestep_subsequence(1000, 100, "quadratic").tolist()[:8] == [0, 0, 0, 0, 1, 2, 2, 3]
     # today's quadratic (now quadratic_rounded) and DDIM's differ in 42 of 100 steps
     a = timestep_subsequence(1000, 100, "quadratic")
