@@ -94,6 +94,7 @@ def test_sigterm_mid_epoch_then_resume_auto(tmp_path):
                              "+callbacks.kill._target_=helpers.SigtermAt",
                              "+callbacks.kill.step=7", env=env))
     assert "received SIGTERM: saved" in stopped.stdout and "at step 8" in stopped.stdout
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]
     _ok(run_script("train.py", *BASE, f"hydra.run.dir={run}", "trainer.max_steps=12",
                    "resume=auto", env=env))
     _assert_bit_equal(_losses(full), _losses(run), 12)

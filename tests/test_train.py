@@ -39,13 +39,23 @@ def test_every_experiment_trains_two_steps(experiment, tmp_path, rgb_folder):
         args += ["data=folder", f"data.root={rgb_folder}", "data.num_workers=0",
                  "model.in_channels=3", "data.channels=3"]
     _ok(run_main("train.py", *args))
-    assert (run / "checkpoints" / "last.ckpt").is_file()
+    # one last.ckpt, taken mid-epoch at the last step; no second, epoch-finished last-v1.ckpt
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]
     assert (run / "schedule.png").is_file()
     assert list((run / "samples").glob("step_*.png"))
     assert (run / "config.yaml").is_file()
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert any(k.startswith("ema_model.") for k in ckpt["state_dict"])
     assert ckpt["hyper_parameters"]["run_config"]["name"] == experiment
+
+
+def test_periodic_checkpoint_state_keeps_model_checkpoints_key():
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from ddpm_lightning.training.callbacks import PeriodicCheckpoint
+
+    kw = {"every_n_train_steps": 1000, "save_last": True}
+    assert PeriodicCheckpoint(**kw).state_key == ModelCheckpoint(**kw).state_key
 
 
 def test_logged_keys(tmp_path):

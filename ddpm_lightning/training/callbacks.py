@@ -1,4 +1,4 @@
-"""Lightning callbacks: sample grids, the schedule plot."""
+"""Lightning callbacks: sample grids, the schedule plot, preemption, the final and periodic checkpoints."""
 
 from __future__ import annotations
 
@@ -233,3 +233,19 @@ class FinalCheckpoint(L.Callback):
                for cb in trainer.callbacks if isinstance(cb, Preemption)):
             return
         self._save(trainer)
+
+
+class PeriodicCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` (``step_*.ckpt`` every N steps, ``last.ckpt`` updated with
+    each), minus its save at the end of training. The last ``last.ckpt`` of a run is
+    ``FinalCheckpoint``'s, or ``Preemption``'s, taken at the batch end of the last step so that a
+    resume continues mid-epoch; Lightning's end-of-training save would record the epoch as
+    finished and, finding ``last.ckpt`` taken, write it beside it as ``last-v1.ckpt``. Its
+    state in checkpoints keeps ``ModelCheckpoint``'s key, so either class resumes the other's."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        pass
+
+    @property
+    def state_key(self) -> str:
+        return "ModelCheckpoint" + super().state_key[len(type(self).__qualname__):]
