@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -104,12 +105,42 @@ def test_truncated_or_foreign_checkpoint_is_refused_on_resume(tmp_path, tiny_ckp
     assert proc.returncode == 1 and "was trained with model.ch=32" in proc.stderr
 
 
-def test_new_run_never_overwrites_an_existing_runs_checkpoints(tmp_path, tiny_ckpt):
+def _files(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_new_run_never_overwrites_an_existing_runs_outputs(tmp_path, tiny_ckpt):
+    """Not its checkpoints, nor the .hydra/ record of how it was run (Hydra rewrites that before
+    the job starts): refused before Hydra writes anything. Likewise sample.py's outputs, and a
+    sweep into an earlier sweep's folder; resume=auto still continues there."""
     run = tiny_ckpt.parent.parent
-    before = tiny_ckpt.read_bytes()
-    proc = run_main("train.py", *TINY, f"hydra.run.dir={run}", "trainer.max_steps=2")
-    assert proc.returncode == 1 and "already holds checkpoints" in proc.stderr
-    assert tiny_ckpt.read_bytes() == before
+    before = _files(run)
+    assert (run / ".hydra" / "overrides.yaml").is_file()
+    proc = run_main("train.py", *TINY, f"hydra.run.dir={run}", "trainer.max_steps=2",
+                    "schedule=cosine")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: hydra.run.dir={run} already holds checkpoints; pass resume=auto to continue "
+        "that run, or choose another directory")
+    assert _files(run) == before
+
+    out = tmp_path / "s"
+    args = [f"ckpt_path={tiny_ckpt}", f"hydra.run.dir={out}", "num_samples=2", "progress=false"]
+    assert run_main("sample.py", *args).returncode == 0
+    first = _files(out)
+    proc = run_main("sample.py", *args, "seed=1")
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == \
+        f"error: hydra.run.dir={out} already holds samples.npz; choose another directory"
+    assert _files(out) == first
+
+    sweep = tmp_path / "sweep"
+    (sweep / "0" / "checkpoints").mkdir(parents=True)
+    (sweep / "0" / "checkpoints" / "last.ckpt").write_bytes(b"an earlier job's")
+    proc = run_main("train.py", "-m", "schedule=linear,cosine", *TINY, "trainer.max_steps=1",
+                    f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(
+        f"error: hydra.sweep.dir={sweep} (job 0) already holds checkpoints;")
+    assert sorted(p.name for p in sweep.iterdir()) == ["0"]
 
 
 def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path):

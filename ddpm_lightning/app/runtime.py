@@ -9,6 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 
@@ -119,6 +120,49 @@ def check_same_run(saved: dict, cfg: DictConfig, path) -> None:
                     f"resume={path} was trained with {group}.{key}={old!r}, but this run has "
                     f"{group}.{key}={new!r}; resume with the same {group} settings"
                 )
+
+
+def check_no_earlier_outputs(run_dir: Path, marks, resume=None, where: str | None = None):
+    """Refuse a run folder that holds an earlier run's outputs: a non-empty folder or a file
+    named in ``marks`` (e.g. ``checkpoints``, ``samples.npz``). A run that resumes (``resume``
+    set) may go on in its own folder. ``where`` names the folder in the error (by default
+    ``hydra.run.dir=RUN_DIR``)."""
+    if resume not in (None, "", "null"):
+        return
+    for mark in marks:
+        path = run_dir / mark
+        if path.is_file() or (path.is_dir() and any(path.iterdir())):
+            hint = "pass resume=auto to continue that run, or " if mark == "checkpoints" else ""
+            raise ConfigError(f"{where or f'hydra.run.dir={run_dir}'} already holds {mark}; "
+                              f"{hint}choose another directory")
+
+
+class KeepEarlierRuns(Callback):
+    """A Hydra callback (``hydra.callbacks`` in conf/train.yaml and conf/sample.yaml): refuse, in
+    one line, a run whose folder holds an earlier run's ``marks`` before Hydra writes anything
+    into it. Hydra rewrites ``.hydra/{config,hydra,overrides}.yaml`` of the folder before the
+    job starts, so a check in the job itself would come after the earlier run's record is gone.
+    In a sweep, every job folder already under ``hydra.sweep.dir`` is checked."""
+
+    def __init__(self, marks):
+        self.marks = list(marks)
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._check({Path(str(OmegaConf.select(config, "hydra.run.dir"))): None}, config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        sweep = Path(str(OmegaConf.select(config, "hydra.sweep.dir")))
+        jobs = sorted(p for p in sweep.iterdir() if p.is_dir()) if sweep.is_dir() else []
+        self._check({job: f"hydra.sweep.dir={sweep} (job {job.name})" for job in jobs}, config)
+
+    def _check(self, run_dirs: dict, config: DictConfig) -> None:
+        if is_ddp_child():  # rank 0 checked; the ranks it starts run in its folder
+            return
+        for run_dir, where in run_dirs.items():
+            try:
+                check_no_earlier_outputs(run_dir, self.marks, config.get("resume"), where)
+            except ConfigError as err:
+                fail_before_work(err, run_dir)
 
 
 def find_resume_checkpoint(resume: str | None, run_dir: Path, outputs_root: Path) -> Path | None:

@@ -29,11 +29,8 @@ def build(cfg: DictConfig, hc, run_dir: Path):
     resume_ckpt = runtime.find_resume_checkpoint(cfg.resume, run_dir, run_dir.parent)
     if resume_ckpt is not None and resume_ckpt.parent.name == "checkpoints":
         run_dir = resume_ckpt.parent.parent  # keep writing into the run that is resumed
-    elif (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
-        raise runtime.ConfigError(
-            f"hydra.run.dir={run_dir} already holds checkpoints; pass resume=auto to continue "
-            "that run, or choose another directory"
-        )
+    else:  # train.py checks this before Hydra writes into the folder (KeepEarlierRuns)
+        runtime.check_no_earlier_outputs(run_dir, ["checkpoints"])
 
     runtime.check_int("seed", cfg.seed)
     runtime.validate_trainer(cfg.trainer)
