@@ -41,6 +41,8 @@ BAD_TRAIN = [
     (["module.sampler.steps=51"], "module.sampler.steps=51 is invalid"),
     (["module.sampler.eta=-0.1"], "module.sampler.eta=-0.1 is invalid"),
     (["resume=/nonexistent/last.ckpt"], "resume=/nonexistent/last.ckpt does not exist"),
+    (["resume=/tmp"], "resume=/tmp is a directory; give a checkpoint file (e.g. "
+                      "/tmp/checkpoints/last.ckpt) or resume=auto"),
 ]
 
 
@@ -86,6 +88,10 @@ def test_missing_checkpoint_path_for_sampling(tmp_path):
     proc = run_main("sample.py", "ckpt_path=/no/such.ckpt", f"hydra.run.dir={tmp_path / 's'}")
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == "error: ckpt_path=/no/such.ckpt does not exist"
+    proc = run_main("sample.py", f"ckpt_path={tmp_path}", f"hydra.run.dir={tmp_path / 's'}")
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: ckpt_path={tmp_path} is a directory; give a checkpoint file, e.g. "
+        f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}")
 
 
 # ------------------------------------------------------------------ faults

@@ -173,6 +173,9 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path, outputs_root: Path
         return None
     if resume != "auto":
         path = Path(resume).expanduser()
+        if path.is_dir():
+            raise ConfigError(f"resume={resume} is a directory; give a checkpoint file (e.g. "
+                              f"{path / 'checkpoints' / 'last.ckpt'}) or resume=auto")
         if not path.is_file():
             raise ConfigError(f"resume={resume} does not exist; give a checkpoint file or resume=auto")
         return path.resolve()

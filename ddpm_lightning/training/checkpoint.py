@@ -45,6 +45,9 @@ def read_checkpoint(path, key: str = "ckpt_path") -> dict:
     """torch.load a ddpm-lightning checkpoint (weights only), or raise CheckpointError in one
     line naming ``key`` and the path."""
     p = Path(str(path)).expanduser()
+    if p.is_dir():
+        raise CheckpointError(f"{key}={path} is a directory; give a checkpoint file, e.g. "
+                              f"{key}={p / 'checkpoints' / 'last.ckpt'}")
     if not p.is_file():
         raise CheckpointError(f"{key}={path} does not exist")
     try:
