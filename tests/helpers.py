@@ -94,7 +94,9 @@ def run_main(script: str, *args: str, env: dict | None = None,
     """Run an entry point's Hydra ``main`` in this process, as ``python SCRIPT ARGS`` would
     run it (its command line, environment, exit status, stdout and stderr), without the
     interpreter start and imports a subprocess pays (about 4 s each). For single-process runs;
-    DDP, multirun and signals keep ``run_script``. The environment, working directory, argv,
+    DDP, multirun and signals keep ``run_script``. Lightning's console messages are captured
+    into stderr as a process would print them. Python warnings stay with pytest (a process
+    under run_script has PYTHONWARNINGS=ignore). The environment, working directory, argv,
     logging and Hydra's global state are restored afterwards."""
     import contextlib
     import importlib
@@ -113,6 +115,12 @@ def run_main(script: str, *args: str, env: dict | None = None,
     root_log = logging.getLogger()
     saved_log = (list(root_log.handlers), root_log.level)
     out, err = io.StringIO(), io.StringIO()
+    # Lightning prints through these loggers, with a console handler of its own only when the
+    # root logger has none (under pytest it has): capture them as a process's stderr
+    console = logging.StreamHandler(err)
+    lightning_logs = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
+    for log in lightning_logs:
+        log.addHandler(console)
     code: int | None = 0
     os.environ.update({"WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"})
     for key, value in (env or {}).items():
@@ -140,6 +148,11 @@ def run_main(script: str, *args: str, env: dict | None = None,
         sys.argv = saved_argv
         os.environ.clear()
         os.environ.update(saved_env)
+        for handler in root_log.handlers:
+            if handler not in saved_log[0]:
+                handler.close()  # Hydra's job log file
         root_log.handlers[:] = saved_log[0]
         root_log.setLevel(saved_log[1])
+        for log in lightning_logs:
+            log.removeHandler(console)
     return subprocess.CompletedProcess(sys.argv, code or 0, out.getvalue(), err.getvalue())

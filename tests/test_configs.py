@@ -155,6 +155,9 @@ def test_find_resume_checkpoint(tmp_path):
     old.mkdir(parents=True)
     (old / "last.ckpt").write_bytes(b"x")
     assert runtime.find_resume_checkpoint("auto", tmp_path / "new", tmp_path) == old / "last.ckpt"
+    # a sweep's job (outputs_root None) never resumes a sibling job's run
+    assert runtime.find_resume_checkpoint("auto", tmp_path / "new", None) is None
+    assert runtime.find_resume_checkpoint("auto", tmp_path / "old", None) == old / "last.ckpt"
 
 
 def test_slurm_path_composes_and_lightning_detects_slurm(monkeypatch, tmp_path):

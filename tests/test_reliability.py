@@ -41,6 +41,8 @@ BAD_TRAIN = [
     (["module.sampler.steps=51"], "module.sampler.steps=51 is invalid"),
     (["module.sampler.eta=-0.1"], "module.sampler.eta=-0.1 is invalid"),
     (["resume=/nonexistent/last.ckpt"], "resume=/nonexistent/last.ckpt does not exist"),
+    (["+callbacks.foo._target_=nonexistent.Foo"],
+     "callbacks.foo._target_=nonexistent.Foo: Error loading 'nonexistent.Foo'"),
     (["resume=/tmp"], "resume=/tmp is a directory; give a checkpoint file (e.g. "
                       "/tmp/checkpoints/last.ckpt) or resume=auto"),
 ]
@@ -128,6 +130,12 @@ def test_new_run_never_overwrites_an_existing_runs_outputs(tmp_path, tiny_ckpt):
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: hydra.run.dir={run} already holds checkpoints; pass resume=auto to continue "
         "that run, or choose another directory")
+    assert _files(run) == before
+    elsewhere = tmp_path / "elsewhere.ckpt"  # resuming another checkpoint into this folder
+    elsewhere.write_bytes(tiny_ckpt.read_bytes())
+    proc = run_main("train.py", *TINY, f"hydra.run.dir={run}", "trainer.max_steps=4",
+                    f"resume={elsewhere}")
+    assert proc.returncode == 1 and "already holds checkpoints" in proc.stderr
     assert _files(run) == before
 
     out = tmp_path / "s"

@@ -110,6 +110,10 @@ def test_resume_gives_the_same_losses(tmp_path, extra):
     assert [s for s, _ in want] == list(range(6)), want
     assert [s for s, _ in got] == list(range(6)), got
     np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-5)
+    # one last.ckpt each (the periodic save at the last step overwrites FinalCheckpoint's)
+    for run in (full, part):
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == \
+            ["last.ckpt", "step_0000003.ckpt", "step_0000006.ckpt"]
     if extra:  # the history was full before the end, and it is restored on resume
         state = [torch.load(d / "checkpoints" / "last.ckpt", weights_only=True)["timestep_sampler"]
                  for d in (full, part)]

@@ -75,7 +75,7 @@ def run_identity(cfg: DictConfig, hydra_cfg, argv: list[str] | None = None) -> d
 
 def make_loggers(cfg: DictConfig, hydra_cfg, run_dir: Path, resuming: bool) -> list:
     """The configured logger (or none), with the run's identity and its resume folder."""
-    from hydra.utils import get_class, instantiate
+    from hydra.utils import get_object, instantiate
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
     logger_cfg = cfg.get("logger")
@@ -84,9 +84,10 @@ def make_loggers(cfg: DictConfig, hydra_cfg, run_dir: Path, resuming: bool) -> l
     identity = run_identity(cfg, hydra_cfg)
     target = logger_cfg._target_
     try:
-        cls = get_class(target)
+        obj = get_object(target)
     except Exception as err:
         raise ConfigError(f"logger._target_={target}: {' '.join(str(err).split())}") from err
+    cls = obj if isinstance(obj, type) else type(None)  # a factory function: neither below
     is_wandb = issubclass(cls, WandbLogger)
     extra = {"save_dir": str(run_dir)}
     run_id_file = run_dir / "wandb_run_id.txt"

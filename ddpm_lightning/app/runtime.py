@@ -122,12 +122,13 @@ def check_same_run(saved: dict, cfg: DictConfig, path) -> None:
                 )
 
 
-def check_no_earlier_outputs(run_dir: Path, marks, resume=None, where: str | None = None):
+def check_no_earlier_outputs(run_dir: Path, marks, resume_ckpt: Path | None = None,
+                             where: str | None = None):
     """Refuse a run folder that holds an earlier run's outputs: a non-empty folder or a file
-    named in ``marks`` (e.g. ``checkpoints``, ``samples.npz``). A run that resumes (``resume``
-    set) may go on in its own folder. ``where`` names the folder in the error (by default
-    ``hydra.run.dir=RUN_DIR``)."""
-    if resume not in (None, "", "null"):
+    named in ``marks`` (e.g. ``checkpoints``, ``samples.npz``), unless the run resumes from a
+    checkpoint of that folder (``resume_ckpt``, as ``find_resume_checkpoint`` gives it).
+    ``where`` names the folder in the error (by default ``hydra.run.dir=RUN_DIR``)."""
+    if resume_ckpt is not None and Path(resume_ckpt).parent == (run_dir / "checkpoints").resolve():
         return
     for mark in marks:
         path = run_dir / mark
@@ -148,27 +149,32 @@ class KeepEarlierRuns(Callback):
         self.marks = list(marks)
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        self._check({Path(str(OmegaConf.select(config, "hydra.run.dir"))): None}, config)
+        run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir")))
+        self._check({run_dir: None}, config, run_dir.parent)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         sweep = Path(str(OmegaConf.select(config, "hydra.sweep.dir")))
         jobs = sorted(p for p in sweep.iterdir() if p.is_dir()) if sweep.is_dir() else []
-        self._check({job: f"hydra.sweep.dir={sweep} (job {job.name})" for job in jobs}, config)
+        self._check({job: f"hydra.sweep.dir={sweep} (job {job.name})" for job in jobs}, config,
+                    None)
 
-    def _check(self, run_dirs: dict, config: DictConfig) -> None:
+    def _check(self, run_dirs: dict, config: DictConfig, outputs_root: Path | None) -> None:
         if is_ddp_child():  # rank 0 checked; the ranks it starts run in its folder
             return
         for run_dir, where in run_dirs.items():
             try:
-                check_no_earlier_outputs(run_dir, self.marks, config.get("resume"), where)
+                resume = find_resume_checkpoint(config.get("resume"), run_dir, outputs_root)
+                check_no_earlier_outputs(run_dir, self.marks, resume, where)
             except ConfigError as err:
                 fail_before_work(err, run_dir)
 
 
-def find_resume_checkpoint(resume: str | None, run_dir: Path, outputs_root: Path) -> Path | None:
+def find_resume_checkpoint(resume: str | None, run_dir: Path,
+                           outputs_root: Path | None) -> Path | None:
     """Resolve ``resume``: None → None; a path → that file (which must exist); "auto" → the
     newest ``checkpoints/last.ckpt`` of this run directory or, failing that, of the latest
-    earlier run under ``outputs_root`` (the runs of the same experiment name)."""
+    earlier run under ``outputs_root`` (the runs of the same experiment name). In a sweep
+    ``outputs_root`` is None: a job resumes only its own folder, never a sibling job's."""
     if resume in (None, "", "null"):
         return None
     if resume != "auto":
@@ -182,6 +188,8 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path, outputs_root: Path
     own = run_dir / "checkpoints" / "last.ckpt"
     if own.is_file():
         return own.resolve()
+    if outputs_root is None:
+        return None
     candidates = sorted(
         (p for p in outputs_root.glob("*/checkpoints/last.ckpt") if p.is_file()),
         key=lambda p: p.stat().st_mtime,

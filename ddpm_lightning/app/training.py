@@ -26,11 +26,13 @@ def build(cfg: DictConfig, hc, run_dir: Path):
     run being resumed, if any."""
     from hydra.utils import instantiate
 
-    resume_ckpt = runtime.find_resume_checkpoint(cfg.resume, run_dir, run_dir.parent)
+    sweep = str(hc.mode) == "RunMode.MULTIRUN"  # a job resumes only its own folder
+    resume_ckpt = runtime.find_resume_checkpoint(cfg.resume, run_dir,
+                                                 None if sweep else run_dir.parent)
+    # train.py makes this check before Hydra writes into the folder (KeepEarlierRuns)
+    runtime.check_no_earlier_outputs(run_dir, ["checkpoints"], resume_ckpt)
     if resume_ckpt is not None and resume_ckpt.parent.name == "checkpoints":
         run_dir = resume_ckpt.parent.parent  # keep writing into the run that is resumed
-    else:  # train.py checks this before Hydra writes into the folder (KeepEarlierRuns)
-        runtime.check_no_earlier_outputs(run_dir, ["checkpoints"])
 
     runtime.check_int("seed", cfg.seed)
     runtime.validate_trainer(cfg.trainer)
@@ -61,18 +63,26 @@ def build(cfg: DictConfig, hc, run_dir: Path):
 def make_callbacks(callbacks_cfg, checkpoint_dir: Path) -> list:
     """One callback per configured entry (``null`` entries are switched off). A checkpoint
     callback (a ``ModelCheckpoint``) given no ``dirpath`` writes into the run's checkpoints
-    folder, where ``resume=auto`` looks."""
-    from hydra.utils import get_class, instantiate
+    folder, where ``resume=auto`` looks (set after construction, as Lightning itself sets a
+    missing dirpath at setup)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     callbacks = []
-    for cb_cfg in (callbacks_cfg or {}).values():
+    for key, cb_cfg in (callbacks_cfg or {}).items():
         if cb_cfg is None or "_target_" not in cb_cfg:
             continue
-        extra = {}
-        if cb_cfg.get("dirpath") is None and issubclass(get_class(cb_cfg._target_), ModelCheckpoint):
-            extra["dirpath"] = str(checkpoint_dir)
-        callbacks.append(instantiate(cb_cfg, **extra))
+        try:
+            cb = instantiate(cb_cfg)
+        except InstantiationException as err:
+            if isinstance(err.__cause__, ValueError):
+                raise err.__cause__ from err  # the callback's own one-line check of a setting
+            why = " ".join(str(err.__cause__ or err).split())
+            raise runtime.ConfigError(f"callbacks.{key}._target_={cb_cfg._target_}: {why}") from err
+        if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
+            cb.dirpath = os.path.realpath(checkpoint_dir)
+        callbacks.append(cb)
     return callbacks
 
 

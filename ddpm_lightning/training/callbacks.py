@@ -240,8 +240,13 @@ class PeriodicCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
     each), minus its save at the end of training. The last ``last.ckpt`` of a run is
     ``FinalCheckpoint``'s, or ``Preemption``'s, taken at the batch end of the last step so that a
     resume continues mid-epoch; Lightning's end-of-training save would record the epoch as
-    finished and, finding ``last.ckpt`` taken, write it beside it as ``last-v1.ckpt``. Its
-    state in checkpoints keeps ``ModelCheckpoint``'s key, so either class resumes the other's."""
+    finished. It overwrites (atomically) rather than versions: ``last.ckpt`` is one file that
+    FinalCheckpoint and Preemption write too, and a versioned ``last-v1.ckpt`` beside it would
+    hold the newer state where ``resume=auto`` does not look. Its state in checkpoints keeps
+    ``ModelCheckpoint``'s key, so either class resumes the other's."""
+
+    def __init__(self, *args, enable_version_counter: bool = False, **kwargs):
+        super().__init__(*args, enable_version_counter=enable_version_counter, **kwargs)
 
     def on_train_end(self, trainer, pl_module) -> None:
         pass
