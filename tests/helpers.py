@@ -156,3 +156,10 @@ def run_main(script: str, *args: str, env: dict | None = None,
         for log in lightning_logs:
             log.removeHandler(console)
     return subprocess.CompletedProcess(sys.argv, code or 0, out.getvalue(), err.getvalue())
+
+
+def checkpoint_every(n: int):
+    """A factory ``_target_`` (a function, not a class) for a ModelCheckpoint, for tests."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return ModelCheckpoint(every_n_train_steps=n)

@@ -233,9 +233,10 @@ def test_build_in_process(tmp_path, tiny_cfg):
         "+callbacks.best.every_n_train_steps=7",
         "+callbacks.elsewhere._target_=lightning.pytorch.callbacks.ModelCheckpoint",
         "+callbacks.elsewhere.every_n_train_steps=9",
-        f"+callbacks.elsewhere.dirpath={tmp_path / 'mine'}"), tmp_path)
+        f"+callbacks.elsewhere.dirpath={tmp_path / 'mine'}",
+        "+callbacks.made._target_=helpers.checkpoint_every", "+callbacks.made.n=11"), tmp_path)
     dirs = sorted(cb.dirpath for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint))
-    assert dirs == sorted([str(tmp_path / "checkpoints")] * 2 + [str(tmp_path / "mine")])
+    assert dirs == sorted([str(tmp_path / "checkpoints")] * 3 + [str(tmp_path / "mine")])
     with pytest.raises(ValueError, match=r"^data.image_size=32 does not match "
                                          r"model.image_size=16$"):
         training.build(*tiny_cfg("data.image_size=32"), tmp_path)
