@@ -43,6 +43,7 @@ BAD_TRAIN = [
     (["resume=/nonexistent/last.ckpt"], "resume=/nonexistent/last.ckpt does not exist"),
     (["+callbacks.foo._target_=nonexistent.Foo"],
      "callbacks.foo._target_=nonexistent.Foo: Error loading 'nonexistent.Foo'"),
+    (["+callbacks.checkpoint.mode=foo"], "callbacks.checkpoint: `mode` can be min, max but got foo"),
     (["resume=/tmp"], "resume=/tmp is a directory; give a checkpoint file (e.g. "
                       "/tmp/checkpoints/last.ckpt) or resume=auto"),
 ]
@@ -131,6 +132,14 @@ def test_new_run_never_overwrites_an_existing_runs_outputs(tmp_path, tiny_ckpt):
         f"error: hydra.run.dir={run} already holds checkpoints; pass resume=auto to continue "
         "that run, or choose another directory")
     assert _files(run) == before
+    steps_only = tmp_path / "steps_only"  # no last.ckpt for resume=auto: name a checkpoint
+    (steps_only / "checkpoints").mkdir(parents=True)
+    (steps_only / "checkpoints" / "step_0000002.ckpt").write_bytes(b"x")
+    proc = run_main("train.py", *TINY, f"hydra.run.dir={steps_only}", "resume=auto")
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: hydra.run.dir={steps_only} already holds checkpoints; pass "
+        f"resume={steps_only / 'checkpoints'}/<one of its .ckpt files> to continue that run, "
+        "or choose another directory")
     elsewhere = tmp_path / "elsewhere.ckpt"  # resuming another checkpoint into this folder
     elsewhere.write_bytes(tiny_ckpt.read_bytes())
     proc = run_main("train.py", *TINY, f"hydra.run.dir={run}", "trainer.max_steps=4",

@@ -183,13 +183,22 @@ def test_ddp_resume_gives_the_same_losses(tmp_path):
 
 
 def test_multirun_with_ddp_gives_one_directory_per_job(tmp_path):
+    """Then the sweep is run again, one job longer, with resume=auto: job 0 resumes its own
+    folder on both ranks, and job 1, which has none, starts afresh on both (its second rank,
+    restarted by Lightning as a single run, must not resume job 0's checkpoint)."""
     sweep = tmp_path / "sweep"
-    proc = _ok(run_script("train.py", "-m", "schedule=linear,cosine", *TINY, "trainer=ddp",
-                          "trainer.accelerator=cpu", "trainer.devices=2",
-                          "trainer.precision=32-true", "trainer.max_steps=2",
-                          f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=900))
+    ddp = [*TINY, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+           "trainer.precision=32-true", f"hydra.sweep.dir={sweep}"]
+    proc = _ok(run_script("train.py", "-m", "schedule=linear", *ddp, "trainer.max_steps=2",
+                          cwd=tmp_path, timeout=900))
+    proc = _ok(run_script("train.py", "-m", "schedule=linear,cosine", *ddp, "resume=auto",
+                          "trainer.max_steps=3", cwd=tmp_path, timeout=900))
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"], proc.stdout
     assert proc.stdout.count("EMA weights identical across 2 ranks") == 2
+    assert proc.stderr.count("resuming from") == 1 and "dirpath has changed" not in proc.stderr
+    for job in ("0", "1"):
+        ckpt = torch.load(sweep / job / "checkpoints" / "last.ckpt", weights_only=True)
+        assert ckpt["global_step"] == 3
     assert not (tmp_path / "outputs").exists()  # no stray second sweep or run folder
 
 

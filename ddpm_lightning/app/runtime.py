@@ -133,7 +133,11 @@ def check_no_earlier_outputs(run_dir: Path, marks, resume_ckpt: Path | None = No
     for mark in marks:
         path = run_dir / mark
         if path.is_file() or (path.is_dir() and any(path.iterdir())):
-            hint = "pass resume=auto to continue that run, or " if mark == "checkpoints" else ""
+            hint = ""
+            if mark == "checkpoints":  # resume=auto takes last.ckpt; else name a checkpoint
+                hint = ("pass resume=auto" if (path / "last.ckpt").is_file() else
+                        f"pass resume={path}/<one of its .ckpt files>") + \
+                    " to continue that run, or "
             raise ConfigError(f"{where or f'hydra.run.dir={run_dir}'} already holds {mark}; "
                               f"{hint}choose another directory")
 
@@ -197,6 +201,15 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path,
     return candidates[-1].resolve() if candidates else None
 
 
+SWEEP_JOB_ENV = "DDPM_LIGHTNING_SWEEP_JOB"  # set for a sweep's job; its DDP ranks inherit it
+
+
+def in_sweep(hydra_cfg) -> bool:
+    """True in a job of a sweep (-m), including the DDP ranks > 0 it starts, which Lightning
+    restarts as single runs."""
+    return str(hydra_cfg.mode) == "RunMode.MULTIRUN" or os.environ.get(SWEEP_JOB_ENV) == "1"
+
+
 def fix_hydra_multirun_for_ddp(hydra_cfg) -> None:
     """Make Lightning's DDP child processes re-run *this job only*, in *this job's* folder.
 
@@ -218,6 +231,7 @@ def fix_hydra_multirun_for_ddp(hydra_cfg) -> None:
             flags.append(a)
             skip = a in ("-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir")
     sys.argv = [sys.argv[0], *flags, *list(hydra_cfg.overrides.task)]
+    os.environ[SWEEP_JOB_ENV] = "1"  # the ranks decide as this job does (e.g. resume=auto)
     with read_write(hydra_cfg), open_dict(hydra_cfg):
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
 

@@ -26,7 +26,7 @@ def build(cfg: DictConfig, hc, run_dir: Path):
     run being resumed, if any."""
     from hydra.utils import instantiate
 
-    sweep = str(hc.mode) == "RunMode.MULTIRUN"  # a job resumes only its own folder
+    sweep = runtime.in_sweep(hc)  # a job of a sweep resumes only its own folder
     resume_ckpt = runtime.find_resume_checkpoint(cfg.resume, run_dir,
                                                  None if sweep else run_dir.parent)
     # train.py makes this check before Hydra writes into the folder (KeepEarlierRuns)
@@ -76,10 +76,12 @@ def make_callbacks(callbacks_cfg, checkpoint_dir: Path) -> list:
         try:
             cb = instantiate(cb_cfg)
         except InstantiationException as err:
-            if isinstance(err.__cause__, ValueError):
-                raise err.__cause__ from err  # the callback's own one-line check of a setting
             why = " ".join(str(err.__cause__ or err).split())
-            raise runtime.ConfigError(f"callbacks.{key}._target_={cb_cfg._target_}: {why}") from err
+            if why.startswith(f"callbacks.{key}"):
+                raise  # the callback's own one-line error, naming its setting
+            where = f"callbacks.{key}._target_={cb_cfg._target_}" \
+                if str(err).startswith("Error locating target") else f"callbacks.{key}"
+            raise runtime.ConfigError(f"{where}: {why}") from err
         if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
             cb.dirpath = os.path.realpath(checkpoint_dir)
         callbacks.append(cb)
