@@ -43,13 +43,16 @@ def compose(config: str, *overrides: str, hydra: bool = False):
         return hydra_compose(config, overrides=list(overrides), return_hydra_config=hydra)
 
 
+def _run_env(env: dict | None, **defaults: str) -> dict:
+    """This process's environment with W&B disabled, ``defaults`` and then ``env`` on top; a
+    value None in ``env`` removes that variable."""
+    full_env = {**os.environ, "WANDB_MODE": "disabled", **defaults, **(env or {})}
+    return {key: value for key, value in full_env.items() if value is not None}
+
+
 def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 300,
                cwd: Path | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore",
-                **(env or {})}
-    for key, value in list(full_env.items()):
-        if value is None:
-            del full_env[key]
+    full_env = _run_env(env, PYTHONWARNINGS="ignore")
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],
         cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
@@ -122,13 +125,11 @@ def run_main(script: str, *args: str, env: dict | None = None,
     for log in lightning_logs:
         log.addHandler(console)
     code: int | None = 0
-    os.environ.update({"WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"})
-    for key, value in (env or {}).items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    sys.argv = [str(ROOT / script), *args]
+    run_env = _run_env(env, HYDRA_FULL_ERROR="0")  # as train.py's __main__ sets it
+    os.environ.clear()
+    os.environ.update(run_env)
+    argv = [str(ROOT / script), *args]
+    sys.argv = list(argv)
     GlobalHydra.instance().clear()
     try:
         os.chdir(cwd or ROOT)
@@ -155,7 +156,7 @@ def run_main(script: str, *args: str, env: dict | None = None,
         root_log.setLevel(saved_log[1])
         for log in lightning_logs:
             log.removeHandler(console)
-    return subprocess.CompletedProcess(sys.argv, code or 0, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess(argv, code or 0, out.getvalue(), err.getvalue())
 
 
 def checkpoint_every(n: int):

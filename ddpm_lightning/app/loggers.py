@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ddpm_lightning.app.runtime import ConfigError, ensure_wandb_mode, to_container
+from ddpm_lightning.app.runtime import ConfigError, ensure_wandb_mode, one_line, to_container
 
 # The command line as typed, before train.py rewrites sys.argv for DDP children in a sweep.
 ORIGINAL_ARGV = list(sys.argv)
@@ -86,9 +86,9 @@ def make_loggers(cfg: DictConfig, hydra_cfg, run_dir: Path, resuming: bool) -> l
     try:
         obj = get_object(target)
     except Exception as err:
-        raise ConfigError(f"logger._target_={target}: {' '.join(str(err).split())}") from err
-    cls = obj if isinstance(obj, type) else type(None)  # a factory function: neither below
-    is_wandb = issubclass(cls, WandbLogger)
+        raise ConfigError(f"logger._target_={target}: {one_line(err)}") from err
+    is_class = isinstance(obj, type)  # a factory function is neither of the two below
+    is_wandb = is_class and issubclass(obj, WandbLogger)
     extra = {"save_dir": str(run_dir)}
     run_id_file = run_dir / "wandb_run_id.txt"
     if is_wandb:
@@ -97,7 +97,7 @@ def make_loggers(cfg: DictConfig, hydra_cfg, run_dir: Path, resuming: bool) -> l
                      group=logger_cfg.get("group") or identity["group"])
         if resuming and run_id_file.is_file():
             extra.update(id=run_id_file.read_text().strip(), resume="allow")
-    elif issubclass(cls, CSVLogger) and resuming:
+    elif is_class and issubclass(obj, CSVLogger) and resuming:
         # Lightning's CSV writer deletes an existing metrics.csv: log a resume to its own file
         n = 1
         while (run_dir / logger_cfg.name / f"resume_{n}").exists():
@@ -106,7 +106,7 @@ def make_loggers(cfg: DictConfig, hydra_cfg, run_dir: Path, resuming: bool) -> l
     try:
         logger = instantiate(logger_cfg, **extra)
     except Exception as err:
-        raise ConfigError(f"logger._target_={target}: {' '.join(str(err).split())}") from err
+        raise ConfigError(f"logger._target_={target}: {one_line(err)}") from err
     hparams = to_container(cfg)
     hparams["overrides"] = identity["overrides"]
     hparams["sweep"] = identity["sweep"]  # flat, so that W&B's group-by works on them

@@ -17,6 +17,11 @@ class ConfigError(ValueError):
     """A bad configuration value; the message is one line naming the key and the value."""
 
 
+def one_line(err: BaseException | str) -> str:
+    """An error's message folded onto one line (what the entry points print after error:)."""
+    return " ".join(str(err).split())
+
+
 def is_ddp_child() -> bool:
     """True in the processes Lightning's subprocess launcher starts for ranks > 0."""
     return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
@@ -247,7 +252,7 @@ def fail_before_work(err: BaseException, fresh_run_dir: Path) -> None:
     cause = err
     while cause.__cause__ is not None and "InstantiationException" in type(cause).__name__:
         cause = cause.__cause__  # hydra.utils.instantiate wraps the real error
-    message = " ".join(str(cause).split()) or type(cause).__name__
+    message = one_line(cause) or type(cause).__name__
     print(f"error: {message}", file=sys.stderr)
     sys.exit(1)
 

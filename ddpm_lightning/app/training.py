@@ -76,7 +76,7 @@ def make_callbacks(callbacks_cfg, checkpoint_dir: Path) -> list:
         try:
             cb = instantiate(cb_cfg)
         except InstantiationException as err:
-            why = " ".join(str(err.__cause__ or err).split())
+            why = runtime.one_line(err.__cause__ or err)
             if why.startswith(f"callbacks.{key}"):
                 raise  # the callback's own one-line error, naming its setting
             where = f"callbacks.{key}._target_={cb_cfg._target_}" \
@@ -124,6 +124,6 @@ def run(cfg: DictConfig, hc):
 def job_failed(err: BaseException, hc) -> None:
     """A job that failed after its work began: one line; exit 1 unless in a sweep, where the
     other jobs go on."""
-    print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+    print(f"error: {runtime.one_line(err)}", file=sys.stderr)
     if str(hc.mode) != "RunMode.MULTIRUN":
         sys.exit(1)
