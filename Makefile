@@ -27,7 +27,7 @@ test-all: $(STAMP)
 train: $(STAMP)
 	$(PY) train.py $(ARGS)
 
-## make gpu-check: the prepared check on one CUDA GPU (<= 5 min); writes gpu_check.json
+## make gpu-check: the prepared check on one CUDA GPU (<= 8 min, start-up included); writes gpu_check.json
 gpu-check: $(STAMP)
 	$(PY) tools/gpu_check.py --out gpu_check.json
 

@@ -74,20 +74,22 @@ def series(rows: list[dict], key: str) -> list[tuple[int, float]]:
 
 
 class SigtermAt:
-    """A Lightning callback for tests: the process sends itself SIGTERM at the start of
-    training batch ``step`` (mid-step, as a cluster's preemption would), once. Used as
-    ``+callbacks.kill._target_=helpers.SigtermAt +callbacks.kill.step=N`` with tests/ on
-    PYTHONPATH."""
+    """A Lightning callback for tests: the process sends itself ``signal`` (SIGTERM by
+    default) at the start of training batch ``step`` (mid-step, as a cluster's preemption
+    would), once. Used as ``+callbacks.kill._target_=helpers.SigtermAt +callbacks.kill.step=N``
+    with tests/ on PYTHONPATH."""
 
-    def __new__(cls, step: int):
+    def __new__(cls, step: int, signal: str = "SIGTERM"):
+        import signal as signals
+
         import lightning as L
+
+        number = getattr(signals, signal)
 
         class _Sigterm(L.Callback):
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-                import signal
-
                 if trainer.global_step == step:
-                    os.kill(os.getpid(), signal.SIGTERM)
+                    os.kill(os.getpid(), number)
 
         return _Sigterm()
 

@@ -397,7 +397,7 @@ def test_default_config_values():
             "folder",
             256,
             3,
-            64,
+            32,
             True,
         )
 

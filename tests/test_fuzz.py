@@ -75,6 +75,7 @@ RULES = {
     "callbacks.sample_grid.every_n_steps": int_ge(1),
     "callbacks.sample_grid.num_images": int_ge(1),
     "callbacks.sample_grid.seed": ANY_INT,
+    "callbacks.preemption.check_every_n_steps": int_ge(1),
 }
 BASE = ["logger=none", "model.image_size=16", "data.image_size=16", "data.batch_size=8",
         "schedule.T=20", "module.sampler.steps=5", "++callbacks.sample_grid.sampler.steps=5"]

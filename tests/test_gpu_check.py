@@ -32,10 +32,22 @@ def test_sampling_part_on_the_cpu(tmp_path):
                            "--parts", "sampling"]) == 0
     part = json.loads(out.read_text())["parts"]["sampling"]
     assert part["num_samples"] == 8
+    assert part["conv_output_dtypes"] == ["torch.bfloat16"]  # the U-Net under bf16 autocast
+    assert set(part["dpm_solver_256"]) == {"batch", "image_size", "steps_10", "steps_50"}
     for label in ("dpm_solver_sde_50", "ddpm_1000"):
         r = part[label]
         assert r["seconds"] > 0 and r["images_per_s"] == pytest.approx(8 / r["seconds"], rel=0.1)
     # (which sampler is faster is a timing, left out: a loaded CPU reverses 4 against 20 steps)
+
+
+def test_the_peak_syncs_and_memory_parts_on_the_cpu(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--quick", "--device", "cpu", "--out", str(out),
+                           "--parts", "peak", "syncs", "memory_256"]) == 0
+    parts = json.loads(out.read_text())["parts"]
+    assert parts["peak"]["bf16_tflops"] > 0 and parts["peak"]["fp32_tflops"] > 0
+    assert parts["syncs"]["synchronizing_calls"] == 0 and parts["syncs"]["observable"] is False
+    assert parts["memory_256"]["fp32"] == {"observable": False}  # CUDA's allocator only
 
 
 def test_a_failing_part_is_recorded_and_the_others_run(tmp_path, monkeypatch):
@@ -60,7 +72,12 @@ def test_every_part_on_the_cpu(tmp_path, weights, monkeypatch):
     out = tmp_path / "gpu_check.json"
     assert gpu_check.main(["--quick", "--device", "cpu", "--out", str(out)]) == 0
     parts = json.loads(out.read_text())["parts"]
+    assert not [k for k, v in parts.items() if "error" in v]
     assert parts["fit"]["steady_images_per_s"] > 0 and parts["fit"]["projected_800k_steps_h"] > 0
+    assert 0 < parts["fit_fp16"]["last_grad_norm"] < 100
     assert parts["inception"]["images_per_s"] > 0
-    eager = parts["bench"]["eager"]["train_step"]["32"]
-    assert eager["ours"]["images_per_s"] > 0 and eager["ours"]["gflops"] > 0
+    eager = parts["bench"]["eager"]["rows"]["32"]
+    assert eager["ours"]["train"]["images_per_s"] > 0
+    assert eager["speedup_over_diffusers"]["train"] > 0
+    assert parts["bench"]["channels_last_speedup_bf16-mixed"] > 0
+    assert "bf16-mixed" in parts["bench"]["compiled_bf16"]["rows"]

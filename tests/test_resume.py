@@ -5,6 +5,7 @@ t history all resume. Every test stops where an epoch is not over."""
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import numpy as np
@@ -109,10 +110,16 @@ def test_mid_epoch_resume_under_two_rank_ddp(tmp_path):
 
 
 def test_resume_refuses_another_batch_size_mid_epoch(tmp_path):
+    """resume=auto refuses another batch size as any other setting; resume=PATH, which may change
+    settings, refuses this one mid-epoch (the loader's position would not be the same)."""
     part = tmp_path / "part"
     _ok(run_main("train.py", *BASE, f"hydra.run.dir={part}", "trainer.max_steps=3"))
     proc = run_main("train.py", *BASE, "data.batch_size=4", f"hydra.run.dir={part}",
-                      "trainer.max_steps=6", "resume=auto")
+                    "trainer.max_steps=6", "resume=auto")
+    assert proc.returncode != 0
+    assert "data.batch_size=8 (this run: 4)" in proc.stderr, proc.stderr[-2000:]
+    proc = run_main("train.py", *BASE, "data.batch_size=4", f"hydra.run.dir={tmp_path / 'x'}",
+                    "trainer.max_steps=6", f"resume={part / 'checkpoints' / 'last.ckpt'}")
     assert proc.returncode != 0
     assert "batch_size=8, this run has batch_size=4" in proc.stderr, proc.stderr[-2000:]
 
@@ -129,3 +136,111 @@ def test_device_data_gives_the_dataloader_batches_and_resumes(tmp_path):
     _ok(run_script("train.py", *device, f"hydra.run.dir={tmp_path / 'unused'}",
                    "trainer.max_steps=10", f"resume={part / 'checkpoints' / 'last.ckpt'}"))
     _assert_bit_equal(_losses(full), _losses(part), 10)
+
+
+def _tree(folder: Path) -> dict:
+    """Every file under ``folder`` with its bytes and modification time."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_resume_auto_continues_only_a_run_with_the_same_settings(tmp_path):
+    """resume=auto with another lr neither continues the earlier run nor writes into its
+    folder: it starts afresh, and says why in one line. With the same settings (a longer run)
+    it continues the newest such run. In a folder whose own checkpoint was trained otherwise
+    it refuses in one line, before anything is written there."""
+    exp = tmp_path / "exp"
+    first, second, third = exp / "first", exp / "second", exp / "third"
+    _ok(run_main("train.py", *BASE, f"hydra.run.dir={first}", "trainer.max_steps=4",
+                 "module.lr=1e-3"))
+    before = _tree(first)
+    proc = _ok(run_main("train.py", *BASE, f"hydra.run.dir={second}", "trainer.max_steps=6",
+                        "module.lr=5e-4", "resume=auto"))
+    assert (f"resume=auto: starting a fresh run: the newest run of this experiment, {first}, "
+            "was trained with other settings: module.lr=0.001 (this run: 0.0005)") in proc.stderr
+    assert "resuming from" not in proc.stderr
+    assert _tree(first) == before
+    assert [s for s, _ in _losses(second)] == list(range(6))  # a run of its own from step 0
+
+    # the same settings as the first run, longer: skips the newer second run, continues the first
+    proc = _ok(run_main("train.py", *BASE, f"hydra.run.dir={third}", "trainer.max_steps=6",
+                        "module.lr=1e-3", "resume=auto"))
+    assert f"resuming from {first / 'checkpoints' / 'last.ckpt'} at step 4" in proc.stderr
+    assert [s for s, _ in _losses(first)] == list(range(6))
+
+    before = _tree(first)
+    proc = run_main("train.py", *BASE, f"hydra.run.dir={first}", "trainer.max_steps=8",
+                    "module.lr=2e-3", "resume=auto")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: resume=auto: {first / 'checkpoints' / 'last.ckpt'} was trained with other "
+        "settings: module.lr=0.001 (this run: 0.002); give "
+        f"resume={first / 'checkpoints' / 'last.ckpt'} to continue it with this run's settings, "
+        "or choose another directory")
+    assert _tree(first) == before
+
+
+def test_resume_path_with_new_settings_trains_with_them_and_records_the_step(tmp_path):
+    """An explicit resume=PATH may change settings: the new lr (and Adam settings) apply from
+    the resumed step on, although the checkpoint's optimizer state holds the old ones, and
+    RUN/resumes.jsonl says which settings changed at which step."""
+    import json
+
+    args = [*BASE, "module.warmup_steps=8", "module.adam_eps=1e-6"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    _ok(run_main("train.py", *args, f"hydra.run.dir={full}", "trainer.max_steps=8",
+                 "module.lr=1e-3"))
+    _ok(run_main("train.py", *args, f"hydra.run.dir={part}", "trainer.max_steps=4",
+                 "module.lr=1e-3"))
+    proc = _ok(run_script("train.py", *args, f"hydra.run.dir={tmp_path / 'unused'}",
+                          "trainer.max_steps=8", "module.lr=5e-4", "module.adam_eps=1e-5",
+                          f"resume={part / 'checkpoints' / 'last.ckpt'}"))
+    assert "from step 4 on: module.adam_eps=1e-06 (this run: 1e-05), module.lr=0.001 " \
+           "(this run: 0.0005), trainer.max_steps=4 (this run: 8)" in proc.stderr
+    want = dict(series(read_metrics(full), "train/lr"))
+    got = dict(series(read_metrics(part), "train/lr"))
+    assert sorted(got) == sorted(want)
+    for step, lr in got.items():  # logged after step `step`: the lr of the next one
+        assert lr == pytest.approx(want[step] * (0.5 if step >= 4 else 1.0), rel=1e-6), step
+    record = [json.loads(line) for line in (part / "resumes.jsonl").read_text().splitlines()]
+    assert record == [{"step": 4, "checkpoint": str(part / "checkpoints" / "last.ckpt"),
+                       "changed": {"module.adam_eps": [1e-06, 1e-05],
+                                   "module.lr": [0.001, 0.0005],
+                                   "trainer.max_steps": [4, 8]}}]
+    ckpt = __import__("torch").load(part / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["eps"] == 1e-5
+
+
+def test_slurm_sigusr1_requeue_resumes_the_run_in_its_folder_bit_exactly(tmp_path):
+    """trainer=slurm in a (faked) SLURM job: SIGUSR1 mid-epoch (SLURM's warning before the time
+    limit) stops the run at a step boundary with last.ckpt, and the job is requeued through
+    ``scontrol`` (a stub on PATH). The requeued job, the same command in a new folder with
+    SLURM_RESTART_COUNT=1 and no resume=, continues that run in its folder to bit-equal
+    losses. Lightning's mid-step hpc_ckpt_*.ckpt is never written."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "scontrol.log"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_NTASKS": "1",
+             "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+             "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
+             "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT / "tests")}
+    job = [*BASE, "trainer=slurm", "trainer.accelerator=cpu", "trainer.devices=1",
+           "trainer.num_nodes=1", "trainer.max_steps=12", "trainer.log_every_n_steps=1",
+           "+callbacks.kill._target_=helpers.SigtermAt", "+callbacks.kill.step=7",
+           "+callbacks.kill.signal=SIGUSR1"]
+    full = tmp_path / "alone" / "full"
+    _ok(run_script("train.py", *job, f"hydra.run.dir={full}",
+                   "~callbacks.kill", env={"PYTHONPATH": str(ROOT / "tests")}))
+    exp = tmp_path / "exp"
+    first = _ok(run_script("train.py", *job, f"hydra.run.dir={exp / 'first'}", env=slurm))
+    assert "received SIGUSR1: saved" in first.stdout and "at step 8" in first.stdout
+    assert "requeued SLURM job 4242" in first.stdout
+    assert log.read_text() == "requeue 4242\n"
+    again = _ok(run_script("train.py", *job, f"hydra.run.dir={exp / 'second'}",
+                           env={**slurm, "SLURM_RESTART_COUNT": "1"}))
+    ckpt = exp / "first" / "checkpoints" / "last.ckpt"
+    assert f"resuming from {ckpt} at step 8" in again.stderr
+    assert not list(tmp_path.rglob("hpc_ckpt_*.ckpt"))
+    _assert_bit_equal(_losses(full), _losses(exp / "first"), 12)

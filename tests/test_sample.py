@@ -79,6 +79,8 @@ def test_nll_reports_the_parts_of_the_bound(ckpt, tmp_path):
     (["sampler.eta=-1"], "sampler.eta=-1 is invalid"),
     (["metrics=[fid,bogus]"], "metrics=['fid', 'bogus'] has unknown 'bogus'"),
     (["compile=maybe"], "compile='maybe' is invalid; it must be true or false"),
+    (["precision=16-mixed"], "precision='16-mixed' is not supported for sampling; use 32-true "
+                             "or bf16-mixed"),
 ])
 def test_bad_requests_fail_before_any_work(ckpt, tmp_path, args, message):
     out = tmp_path / "bad"
@@ -182,3 +184,23 @@ def test_build_and_run_in_process(ckpt, tmp_path):
     np.testing.assert_array_equal(_npz(tmp_path / "in"), _npz(tmp_path / "again"))  # the seed
     with pytest.raises(ConfigError, match=r"^grid_size=-1 is invalid; it must be an integer >= 0$"):
         sampling.build(composed("grid_size=-1"))
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("precision, dtype", [("bf16-mixed", torch.bfloat16),
+                                              ("32-true", torch.float32)])
+def test_precision_reaches_the_convolutions(ckpt, channels_last, precision, dtype):
+    """sample.py precision=bf16-mixed runs the U-Net's convolutions in bf16 (with channels-last
+    on or off), and 32-true in fp32; the sampler's chain stays fp32 either way."""
+    from ddpm_lightning.app import sampling
+
+    job = sampling.build(compose("sample", f"ckpt_path={ckpt}", "progress=false",
+                                 "num_samples=2", "batch_size=2", "sampler.steps=2",
+                                 "accelerator=cpu", f"precision={precision}",
+                                 f"channels_last={str(channels_last).lower()}"))
+    seen = []
+    conv = next(m for m in job.net.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    images = sampling.draw(job)
+    assert seen and set(seen) == {dtype}
+    assert images.dtype == torch.uint8 and images.shape[0] == 2

@@ -265,3 +265,29 @@ def test_dpm_solver_matches_diffusers(diffusion, sde, steps, final):
                   generator=torch.Generator().manual_seed(2), device="cpu")
     assert x.abs().max() > 0.5  # not a trivial output
     assert (ours - x).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("sde", [False, True])
+def test_dpm_solver_keeps_one_earlier_prediction_alive_whatever_the_step_count(diffusion, sde):
+    """Memory does not grow with the step count: the network counts, at every call, the live
+    tensors of the sample's shape (x_t, the last x̂_0 and the step's temporaries). A sampler that
+    kept every step's x̂_0 would hold one more per step."""
+    import gc
+    import warnings
+
+    shape = (2, 1, 4, 4)
+    base = optimal_eps(diffusion)
+    counts = []
+
+    def model(x_t, t):
+        gc.collect()
+        with warnings.catch_warnings():  # isinstance on deprecated torch objects warns
+            warnings.simplefilter("ignore")
+            counts.append(sum(1 for o in gc.get_objects()
+                              if isinstance(o, torch.Tensor) and tuple(o.shape) == shape))
+        return base(x_t, t)
+
+    sample(model, diffusion, shape, sampler="dpm_solver", steps=40, sde=sde,
+           generator=torch.Generator().manual_seed(0))
+    assert len(counts) == 40
+    assert max(counts[1:]) == min(counts[1:]), counts  # the first call precedes any x̂_0

@@ -159,34 +159,126 @@ class KeepEarlierRuns(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir")))
-        self._check({run_dir: None}, config, run_dir.parent)
+        settings = None
+        if config.get("resume") == "auto":  # as build compares them (a sweep's jobs: below)
+            job = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+            settings = OmegaConf.to_container(job, resolve=True)
+        self._check({run_dir: None}, config, run_dir.parent, settings)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         sweep = Path(str(OmegaConf.select(config, "hydra.sweep.dir")))
         jobs = sorted(p for p in sweep.iterdir() if p.is_dir()) if sweep.is_dir() else []
+        # a job's settings are known only when it starts: its build compares them
         self._check({job: f"hydra.sweep.dir={sweep} (job {job.name})" for job in jobs}, config,
-                    None)
+                    None, None)
 
-    def _check(self, run_dirs: dict, config: DictConfig, outputs_root: Path | None) -> None:
+    def _check(self, run_dirs: dict, config: DictConfig, outputs_root: Path | None,
+               settings: dict | None) -> None:
         if is_ddp_child():  # rank 0 checked; the ranks it starts run in its folder
             return
         for run_dir, where in run_dirs.items():
             try:
-                resume = find_resume_checkpoint(config.get("resume"), run_dir, outputs_root)
+                resume = find_resume_checkpoint(config.get("resume"), run_dir, outputs_root,
+                                                settings)
                 check_no_earlier_outputs(run_dir, self.marks, resume, where)
             except ConfigError as err:
                 fail_before_work(err, run_dir)
 
 
-def find_resume_checkpoint(resume: str | None, run_dir: Path,
-                           outputs_root: Path | None) -> Path | None:
-    """Resolve ``resume``: None → None; a path → that file (which must exist); "auto" → the
-    newest ``checkpoints/last.ckpt`` of this run directory or, failing that, of the latest
-    earlier run under ``outputs_root`` (the runs of the same experiment name). In a sweep
-    ``outputs_root`` is None: a job resumes only its own folder, never a sibling job's."""
-    if resume in (None, "", "null"):
+# Keys that do not change what a run computes: its length, where it reads its data from, and
+# what it shows and records (callbacks draw from their own generators, never the training RNG).
+# resume=auto continues a run whose other settings all equal this command's.
+RUN_LENGTH = ("trainer.max_steps", "trainer.max_time")
+NOT_SETTINGS = ("resume", "data.root", "data.num_workers", "trainer.enable_progress_bar",
+                "trainer.enable_model_summary", "trainer.log_every_n_steps", "callbacks",
+                "logger", "job_name", "optimized_metric")
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: tree}
+
+
+def changed_settings(saved: dict, current: dict, ignore=NOT_SETTINGS) -> dict:
+    """``{key: (saved value, current value)}`` for every setting (dotted key) that differs
+    between a checkpoint's run config and this run's, except the keys in ``ignore`` and the
+    keys under them."""
+    old, new = _flat(saved), _flat(current)
+    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)
+            and not any(k == i or k.startswith(i + ".") for i in ignore)}
+
+
+def describe_changes(changes: dict, limit: int = 4) -> str:
+    """``module.lr=0.001 (this run: 0.0005), …`` on one line."""
+    items = [f"{k}={old!r} (this run: {new!r})" for k, (old, new) in changes.items()]
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def saved_run_config(path: Path) -> dict | None:
+    """The run config a checkpoint records (memory-mapped: the weights are not read), or None
+    for a file that is not a readable ddpm-lightning checkpoint."""
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return dict(ckpt["hyper_parameters"]["run_config"])
+    except Exception:  # noqa: BLE001 - unreadable: not a candidate (resume=PATH reports why)
         return None
-    if resume != "auto":
+
+
+SLURM_MARK = "slurm_job_id"  # RUN/slurm_job_id: the SLURM job a run was started by
+
+
+def slurm_job_id() -> str | None:
+    """The id ``scontrol requeue`` takes for this SLURM job (``ARRAY_TASK`` for an array's
+    task), or None outside SLURM. A requeued job keeps it."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
+def slurm_requeued() -> bool:
+    """True in a SLURM job that was requeued (SLURM counts the restarts)."""
+    return (os.environ.get("SLURM_RESTART_COUNT") or "0").strip() not in ("", "0")
+
+
+def _slurm_runs(candidates: list[Path], job: str) -> list[Path]:
+    """The checkpoints among ``candidates`` whose run was started by SLURM job ``job``."""
+    def mark(ckpt: Path) -> str | None:
+        path = ckpt.parent.parent / SLURM_MARK
+        return path.read_text().strip() if path.is_file() else None
+    return [p for p in candidates if mark(p) == job]
+
+
+def find_resume_checkpoint(resume: str | None, run_dir: Path, outputs_root: Path | None,
+                           settings: dict | None = None, notes: list | None = None
+                           ) -> Path | None:
+    """Resolve ``resume``: None → None; a path → that file (which must exist); "auto" → the
+    ``checkpoints/last.ckpt`` of this run directory or, failing that, the newest one under
+    ``outputs_root`` (the runs of the same experiment name) trained with this run's
+    ``settings`` (the resolved config; run length and ``NOT_SETTINGS`` aside). In a sweep
+    ``outputs_root`` is None: a job resumes only its own folder, never a sibling job's.
+
+    With ``settings``, resume=auto never continues a run trained otherwise: this folder's own
+    checkpoint with other settings is refused in one line naming them (the folder is that
+    run's); an earlier run with other settings is passed over, and ``notes`` gets one line
+    saying why this run starts afresh.
+
+    Under SLURM a run records its job id (``RUN/slurm_job_id``), and the run of this job is
+    found first: a requeued job (SLURM_RESTART_COUNT > 0) continues it even with resume=null,
+    so a preempted and requeued job resumes in its own folder."""
+    job = slurm_job_id()
+    requeued = resume in (None, "", "null") and job is not None and slurm_requeued()
+    if resume in (None, "", "null") and not requeued:
+        return None
+    if resume != "auto" and not requeued:
         path = Path(resume).expanduser()
         if path.is_dir():
             raise ConfigError(f"resume={resume} is a directory; give a checkpoint file (e.g. "
@@ -194,16 +286,49 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path,
         if not path.is_file():
             raise ConfigError(f"resume={resume} does not exist; give a checkpoint file or resume=auto")
         return path.resolve()
+
+    def changes(path: Path) -> dict:
+        if settings is None:
+            return {}
+        saved = saved_run_config(path)
+        if saved is None:
+            return {"(the checkpoint)": ("unreadable", "")}
+        return changed_settings(saved, settings, ignore=NOT_SETTINGS + RUN_LENGTH)
+
+    def own_run(path: Path) -> Path:  # this folder's, or this SLURM job's: no other choice
+        diff = changes(path)
+        if diff:
+            raise ConfigError(
+                f"resume=auto: {path} was trained with other settings: "
+                f"{describe_changes(diff)}; give resume={path} to continue it with this run's "
+                "settings, or choose another directory")
+        return path.resolve()
+
     own = run_dir / "checkpoints" / "last.ckpt"
     if own.is_file():
-        return own.resolve()
+        return own_run(own)
     if outputs_root is None:
         return None
     candidates = sorted(
         (p for p in outputs_root.glob("*/checkpoints/last.ckpt") if p.is_file()),
-        key=lambda p: p.stat().st_mtime,
+        key=lambda p: p.stat().st_mtime, reverse=True,
     )
-    return candidates[-1].resolve() if candidates else None
+    same_job = _slurm_runs(candidates, job) if job is not None else []
+    if same_job:
+        if notes is not None:
+            notes.append(f"SLURM job {job}{' (requeued)' if slurm_requeued() else ''}: "
+                         f"continuing its run {same_job[0].parent.parent}")
+        return own_run(same_job[0])
+    if requeued:
+        return None
+    for path in candidates:
+        if not changes(path):
+            return path.resolve()
+    if candidates and notes is not None:
+        notes.append(f"resume=auto: starting a fresh run: the newest run of this experiment, "
+                     f"{candidates[0].parent.parent}, was trained with other settings: "
+                     f"{describe_changes(changes(candidates[0]))}")
+    return None
 
 
 SWEEP_JOB_ENV = "DDPM_LIGHTNING_SWEEP_JOB"  # set for a sweep's job; its DDP ranks inherit it

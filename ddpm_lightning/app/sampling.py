@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from ddpm_lightning.app.runtime import ConfigError, check_int
 
 METRICS = ("fid", "is", "nll")
+PRECISIONS = ("32-true", "bf16-mixed")
 
 
 @dataclass
@@ -39,6 +40,9 @@ def validate(cfg: DictConfig) -> dict:
     """Check the request before any work; return the sampler settings given (non-null)."""
     for key in ("num_samples", "batch_size", "devices", "grid_size"):
         check_int(key, cfg[key], 0 if key == "grid_size" else 1)
+    if str(cfg.precision) not in PRECISIONS:
+        raise ConfigError(f"precision={cfg.precision!r} is not supported for sampling; use "
+                          f"{' or '.join(PRECISIONS)} (the U-Net under bf16 autocast)")
     unknown = [m for m in cfg.metrics if m not in METRICS]
     if unknown:
         raise ConfigError(f"metrics={list(cfg.metrics)} has unknown {unknown[0]!r}; "
@@ -77,49 +81,33 @@ def build(cfg: DictConfig) -> SamplingJob:
             print(f"note: num_samples={cfg.num_samples}: FID and IS are biased with fewer than "
                   "the paper's 50,000 samples (2,000 samples leave an FID floor near 30)",
                   file=sys.stderr)
-    fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices, precision=cfg.precision,
+    # The precision is applied by prepare (bf16 autocast around the network only, the chain in
+    # fp32), not by Fabric, whose autocast would also cover the sampler's arithmetic.
+    fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices, precision="32-true",
                     strategy="ddp" if cfg.devices > 1 else "auto")
     fabric.launch()
     net = module.ema_model if cfg.use_ema else module.model
-    net = prepare(fabric.to_device(net), channels_last=cfg.channels_last, compile=cfg.compile)
+    net = prepare(fabric.to_device(net), channels_last=cfg.channels_last,
+                  bf16=str(cfg.precision) == "bf16-mixed", compile=cfg.compile)
     results = {"ckpt_path": str(cfg.ckpt_path), "global_step": ckpt.get("global_step"),
                "use_ema": cfg.use_ema, "sampler": settings.config(),
                "num_samples": cfg.num_samples}
     return SamplingJob(cfg, module, settings, fabric, net, run_config, ckpt, results)
 
 
-def gather(fabric, indices: torch.Tensor, images: torch.Tensor):
-    """All ranks' (indices, images) on every rank, ordered by index, without duplicates."""
-    if fabric.world_size == 1:
-        return indices, images
-    n = torch.tensor([indices.numel()], device=fabric.device)
-    most = int(fabric.all_gather(n).max())
-    pad_idx = torch.full((most,), -1, dtype=torch.long)
-    pad_img = torch.zeros((most, *images.shape[1:]), dtype=torch.uint8)
-    pad_idx[: indices.numel()] = indices
-    pad_img[: images.shape[0]] = images
-    all_idx = fabric.all_gather(pad_idx.to(fabric.device)).reshape(-1).cpu()
-    all_img = fabric.all_gather(pad_img.to(fabric.device)).reshape(-1, *images.shape[1:]).cpu()
-    keep = all_idx >= 0
-    order = torch.argsort(all_idx[keep])
-    idx, img = all_idx[keep][order], all_img[keep][order]
-    if not torch.equal(idx, torch.arange(idx.numel())):
-        raise RuntimeError("gathered sample indices are not 0..N-1 exactly once")
-    return idx, img
-
-
-def draw(job: SamplingJob) -> torch.Tensor:
-    """Every rank's share of the samples (uint8), gathered on every rank in index order."""
+def draw(job: SamplingJob) -> torch.Tensor | None:
+    """All the samples (uint8) in index order on rank 0, each rank drawing its share; None on
+    the other ranks."""
     from ddpm_lightning.core.generate import generate
+    from ddpm_lightning.training.distributed import gather_to_rank_zero
 
     cfg, fabric = job.cfg, job.fabric
     shape = (job.net.in_channels, job.net.image_size, job.net.image_size)
     indices, images = generate(job.net, job.module.diffusion, cfg.num_samples, cfg.batch_size,
                                shape, seed=cfg.seed, rank=fabric.global_rank,
                                world_size=fabric.world_size, device=fabric.device,
-                               settings=job.settings, progress=cfg.progress and job.is_global_zero,
-                               autocast=fabric.autocast)
-    return gather(fabric, indices, images)[1]
+                               settings=job.settings, progress=cfg.progress and job.is_global_zero)
+    return gather_to_rank_zero(indices, images, fabric.device)[1]
 
 
 def save(out_dir: Path, images: torch.Tensor, grid_size: int) -> None:
@@ -186,10 +174,12 @@ def quality(job: SamplingJob, images: torch.Tensor) -> dict:
 
 def run(job: SamplingJob, out_dir: Path) -> dict:
     """Sample, save, evaluate; metrics.json on rank 0. Returns the results."""
+    from ddpm_lightning.training.distributed import on_rank_zero
+
     images = draw(job)
     metrics = set(job.cfg.metrics)
-    if job.is_global_zero:
-        save(out_dir, images, job.cfg.grid_size)
+    # the other ranks go on to the bits/dim, a collective: a failed save must end them too
+    on_rank_zero(f"saving the samples in {out_dir}", save, out_dir, images, job.cfg.grid_size)
     if "nll" in metrics:
         job.results["nll"] = nll(job)
     if job.is_global_zero and {"fid", "is"} & metrics:

@@ -17,6 +17,7 @@ from ddpm_lightning.training.checkpoint import (
     check_fits,
     read_checkpoint,
 )
+from ddpm_lightning.training.distributed import RankFailure
 
 
 def build(cfg: DictConfig, hc, run_dir: Path):
@@ -25,10 +26,18 @@ def build(cfg: DictConfig, hc, run_dir: Path):
     ``(module, datamodule, trainer, resume_ckpt, run_dir)``; ``run_dir`` is the folder of the
     run being resumed, if any."""
     from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
+
+    from ddpm_lightning.training.callbacks import ProgressBar
+    from ddpm_lightning.training.distributed import collective_checkpoint_saves
 
     sweep = runtime.in_sweep(hc)  # a job of a sweep resumes only its own folder
+    notes: list[str] = []
     resume_ckpt = runtime.find_resume_checkpoint(cfg.resume, run_dir,
-                                                 None if sweep else run_dir.parent)
+                                                 None if sweep else run_dir.parent,
+                                                 runtime.to_container(cfg), notes)
+    for note in notes:
+        print(note, file=sys.stderr)
     # train.py makes this check before Hydra writes into the folder (KeepEarlierRuns)
     runtime.check_no_earlier_outputs(run_dir, ["checkpoints"], resume_ckpt)
     if resume_ckpt is not None and resume_ckpt.parent.name == "checkpoints":
@@ -54,9 +63,13 @@ def build(cfg: DictConfig, hc, run_dir: Path):
     for cb in callbacks:  # a callback that owns settings about the module checks them now
         if hasattr(cb, "check_module"):
             cb.check_module(module)
+    if cfg.trainer.get("enable_progress_bar", True) and \
+            not any(isinstance(cb, ProgressBarBase) for cb in callbacks):
+        callbacks.append(ProgressBar())  # shows host numbers only: no sync per step
     loggers = make_loggers(cfg, hc, run_dir, resuming=resume_ckpt is not None)
     trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks,
                           logger=loggers or False, plugins=[AtomicCheckpointIO()])
+    collective_checkpoint_saves(trainer.strategy)  # a failed write ends every rank
     return module, datamodule, trainer, resume_ckpt, run_dir
 
 
@@ -102,15 +115,18 @@ def run(cfg: DictConfig, hc):
         runtime.fail_before_work(err, Path(hc.runtime.output_dir))
     if trainer.is_global_zero:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        if runtime.slurm_job_id() is not None:  # a requeued job finds its run by this
+            (run_dir / runtime.SLURM_MARK).write_text(runtime.slurm_job_id() + "\n")
         if resume_ckpt is not None:
-            print(f"resuming from {resume_ckpt}", file=sys.stderr)
+            record_resume(run_dir, resume_ckpt, runtime.to_container(cfg))
     env_before = dict(os.environ)
     try:
         trainer.fit(module, datamodule=datamodule,
                     ckpt_path=str(resume_ckpt) if resume_ckpt else None)
-    except (FloatingPointError, CheckpointError) as err:
-        # A diverged run (or a failed save) stops with one line; its last good checkpoint
-        # stays. In a sweep, the other jobs go on.
+    except (FloatingPointError, CheckpointError, RankFailure) as err:
+        # A diverged run (or a failed save, or rank-0 work that failed under DDP) stops with
+        # one line on every rank; its last good checkpoint stays. In a sweep, the other jobs
+        # go on.
         return job_failed(err, hc)
     finally:
         if str(hc.mode) == "RunMode.MULTIRUN":
@@ -119,6 +135,25 @@ def run(cfg: DictConfig, hc):
     if trainer.is_global_zero:
         print(f"run directory: {run_dir}")
     return trainer
+
+
+def record_resume(run_dir: Path, ckpt_path: Path, settings: dict) -> None:
+    """Say what is resumed, and append to ``RUN/resumes.jsonl`` the step it resumes at and the
+    settings that changed there (``{key: [before, from this step on]}``): config.yaml holds
+    the latest settings, and this record says from which step each applied."""
+    import json
+
+    import torch
+
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    step = int(ckpt.get("global_step", 0))
+    changed = runtime.changed_settings(ckpt["hyper_parameters"]["run_config"], settings)
+    entry = {"step": step, "checkpoint": str(ckpt_path),
+             "changed": {k: list(v) for k, v in changed.items()}}
+    with open(run_dir / "resumes.jsonl", "a") as f:
+        f.write(json.dumps(entry) + "\n")
+    what = f"; from step {step} on: {runtime.describe_changes(changed)}" if changed else ""
+    print(f"resuming from {ckpt_path} at step {step}{what}", file=sys.stderr)
 
 
 def job_failed(err: BaseException, hc) -> None:

@@ -7,7 +7,6 @@ how many devices shared the work. Rank r takes batches r, r + W, r + 2W, …
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -33,7 +32,7 @@ def batch_plan(num: int, batch_size: int, rank: int = 0, world_size: int = 1):
 @torch.no_grad()
 def generate(net, diffusion: GaussianDiffusion, num: int, batch_size: int, image_shape,
              seed: int = 0, rank: int = 0, world_size: int = 1, device="cpu",
-             settings: SamplerSettings | None = None, progress: bool = False, autocast=None):
+             settings: SamplerSettings | None = None, progress: bool = False):
     """This rank's share of ``num`` samples: (indices [n], uint8 images [n, C, H, W])."""
     settings = settings or SamplerSettings()
     plan = batch_plan(num, batch_size, rank, world_size)
@@ -45,10 +44,7 @@ def generate(net, diffusion: GaussianDiffusion, num: int, batch_size: int, image
         bar = tqdm(total=sum(c for _, _, c in plan), desc=f"sampling (rank {rank})", unit="img")
     for k, start, count in plan:
         gen = torch.Generator(device=device).manual_seed(seed * SEED_STRIDE + k)
-        ctx = autocast() if autocast is not None else contextlib.nullcontext()
-        with ctx:
-            x = settings.sample(net, diffusion, (count, *image_shape), generator=gen,
-                                device=device)
+        x = settings.sample(net, diffusion, (count, *image_shape), generator=gen, device=device)
         images.append(to_uint8(x.float()).cpu())
         indices.append(torch.arange(start, start + count))
         if bar is not None:

@@ -7,7 +7,7 @@ stays in full precision.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -35,7 +35,10 @@ class InferenceNet(torch.nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        # bf16=False leaves the caller's autocast state as it is (an autocast(enabled=False)
+        # here would switch off any autocast around the call)
+        ctx = torch.autocast(x.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        with ctx:
             out = self._forward(x, t)
         return out.float().contiguous()
 

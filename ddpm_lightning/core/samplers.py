@@ -193,7 +193,7 @@ def sample(
     abar = chain._on(x.device)["alphas_cumprod"]
     if sampler == "dpm_solver" and final == "sigma_min":  # one more point: t = 0 of training
         abar = torch.cat([diffusion._on(x.device)["alphas_cumprod"][:1], abar])
-    history: list[tuple[torch.Tensor, torch.Tensor]] = []  # DPM-Solver++: earlier (x̂_0, λ)
+    history: list[tuple[torch.Tensor, torch.Tensor]] = []  # DPM-Solver++: the last (x̂_0, λ)
     for i in indices:
         t = torch.full((n,), i, device=x.device, dtype=torch.long)
         out = denoise(chain, net, x, t, clip=clip, variance=variance)
@@ -236,8 +236,9 @@ def dpm_solver_step(x, x0, history, abar, i: int, order: int, sde: bool, generat
     SDE, 1st order:  x' = (σ'/σ) e^{−h} x + α' (1 − e^{−2h}) D + σ' √(1 − e^{−2h}) z
     with D = x̂_0 for order 1, and for order 2 (multistep, the midpoint form) D = x̂_0 plus
     ½ (x̂_0 − x̂_0^prev) / r with r = h_prev / h. (A step to σ' = 0 gives x' = x̂_0 in both
-    forms; ``sample`` takes it directly.) ``history`` holds (x̂_0, λ) of earlier steps and is
-    appended to.
+    forms; ``sample`` takes it directly.) ``history`` holds the previous step's (x̂_0, λ), the
+    only one the multistep update reads; it is replaced by this step's, so a chain of any
+    length keeps one earlier x̂_0 alive, not one per step.
     """
     a_t = abar[i]
     lam = _lambda(a_t)
@@ -250,7 +251,7 @@ def dpm_solver_step(x, x0, history, abar, i: int, order: int, sde: bool, generat
         x0_prev, lam_prev = history[-1]
         r = (lam - lam_prev) / h
         d = x0 + (0.5 / r).to(x0.dtype) * (x0 - x0_prev)
-    history.append((x0, lam))
+    history[:] = [(x0, lam)]
     if not sde:
         return (sigma_next / sigma).to(x.dtype) * x \
             - (alpha_next * torch.expm1(-h)).to(x.dtype) * d

@@ -182,6 +182,9 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit("--device cuda: no CUDA device is available")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if device.type == "cuda":  # the training default (module.tf32: true), and its peak below
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
     notes: list[str] = []
     model_cfg = load_model_config(args.model)
     model_name = args.model if isinstance(args.model, str) else "quick (tiny UNet)"
@@ -223,6 +226,7 @@ def run(args: argparse.Namespace) -> dict:
             "torch": torch.__version__,
             "diffusers": package_version("diffusers") if has_diffusers else None,
             "ours": {"channels_last": args.channels_last, "compile": args.compile},
+            "tf32": device.type == "cuda",  # fp32 matmuls and convolutions in TF32
             "params": {"ours": n_params(ours.model),
                        "diffusers": n_params(theirs.model) if theirs is not None else None},
         },

@@ -43,12 +43,12 @@ def job_dirs(sweep: Path) -> list[Path]:
 
 def labels(jobs: list[Path]) -> dict[Path, str]:
     """Each job's name: its overrides whose values differ between the jobs."""
-    import yaml
+    from omegaconf import OmegaConf
 
     overrides = {}
     for job in jobs:
         path = job / ".hydra" / "overrides.yaml"
-        items = yaml.safe_load(path.read_text()) if path.is_file() else []
+        items = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else []
         overrides[job] = dict(o.split("=", 1) for o in items or [] if "=" in o)
     keys = sorted({k for o in overrides.values() for k in o})
     varying = [k for k in keys if len({o.get(k) for o in overrides.values()}) > 1]
@@ -146,13 +146,13 @@ def _plot_bands(hist: dict, names: dict, path: Path) -> bool:
 
 
 def _plot_schedules(jobs: dict[Path, str], path: Path) -> None:
-    import yaml
+    from omegaconf import OmegaConf
 
     from ddpm_lightning.core.schedules import make_beta_schedule
 
     fig, axes = _figure(2, (10, 3.8))
     for job, name in jobs.items():
-        schedule = dict(yaml.safe_load((job / "config.yaml").read_text())["schedule"])
+        schedule = OmegaConf.to_container(OmegaConf.load(job / "config.yaml").schedule)
         schedule.pop("_target_", None)
         betas = np.asarray(make_beta_schedule(**schedule), dtype=np.float64)
         abar = np.cumprod(1 - betas)

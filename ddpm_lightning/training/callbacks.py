@@ -8,11 +8,12 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 from ddpm_lightning.core.generate import generate
 from ddpm_lightning.core.inference import eval_mode
 from ddpm_lightning.core.samplers import SamplerSettings
+from ddpm_lightning.training.distributed import on_rank_zero
 
 
 def _log_image(trainer: L.Trainer, key: str, path: Path, step: int) -> None:
@@ -106,8 +107,14 @@ class SampleGrid(SamplingCallback):
         self.seed = seed
         self.last_path: Path | None = None
 
-    @rank_zero_only
-    def make_grid(self, trainer: L.Trainer, pl_module) -> Path:
+    def make_grid(self, trainer: L.Trainer, pl_module) -> Path | None:
+        """The grid on rank 0 (None elsewhere); a failure there raises on every rank."""
+        path = on_rank_zero(f"the sample grid at step {trainer.global_step}", self._make_grid,
+                            trainer, pl_module)
+        self._last_step = trainer.global_step
+        return path
+
+    def _make_grid(self, trainer: L.Trainer, pl_module) -> Path:
         from torchvision.utils import save_image
 
         step = trainer.global_step
@@ -120,7 +127,6 @@ class SampleGrid(SamplingCallback):
         save_image(images.float() / 255, tmp, nrow=int(math.ceil(math.sqrt(self.num_images))))
         tmp.replace(path)
         _log_image(trainer, "samples", path, step)
-        self._last_step = step
         self.last_path = path
         return path
 
@@ -132,8 +138,10 @@ class SchedulePlot(L.Callback):
     """At the start of training, plot ᾱ_t and log-SNR(t) = log(ᾱ_t / (1 − ᾱ_t)) against t to
     ``<run dir>/schedule.png`` and log it as ``schedule``, so schedules compare by eye."""
 
-    @rank_zero_only
     def on_fit_start(self, trainer, pl_module) -> None:
+        on_rank_zero("the schedule plot", self.plot, trainer, pl_module)
+
+    def plot(self, trainer, pl_module) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -158,12 +166,31 @@ class SchedulePlot(L.Callback):
 
 
 class Preemption(L.Callback):
-    """On SIGTERM or SIGINT (preemption, Ctrl-C): finish the current step, save
+    """On SIGTERM, SIGINT or SIGUSR1 (preemption, Ctrl-C, SLURM's warning before its time
+    limit, ``#SBATCH --signal=USR1@90``): finish the current step, save
     ``<run dir>/checkpoints/last.ckpt``, and stop cleanly, so that ``resume=auto`` continues.
-    A second SIGINT interrupts at once. Under DDP the decision is shared by all ranks."""
+    A second SIGINT interrupts at once.
 
-    def __init__(self, signals=("SIGTERM", "SIGINT")):
-        self.signals = tuple(signals)
+    After one of ``requeue_signals`` in a SLURM job, rank 0 then requeues the job
+    (``scontrol requeue JOB``), and the requeued job resumes this run in this folder (see
+    ``runtime.find_resume_checkpoint``). This handler replaces Lightning's own SLURM one, which
+    saves ``hpc_ckpt_N.ckpt`` from inside the signal handler, mid-step, where no resume looks.
+
+    Under DDP the decision is shared by all ranks (a signal to any rank stops them all, at the
+    same step). Sharing it is an all-reduce and a host read, so it is made every
+    ``check_every_n_steps`` steps only: the run stops within that many steps of the signal,
+    which must fit in the grace period of the scheduler (SLURM's KillWait, 30 s by default). In
+    a single process the flag is read at every step, with no sync."""
+
+    def __init__(self, signals=("SIGTERM", "SIGINT", "SIGUSR1"), requeue_signals=("SIGUSR1",),
+                 check_every_n_steps: int = 10):
+        if isinstance(check_every_n_steps, bool) or not isinstance(check_every_n_steps, int) \
+                or check_every_n_steps < 1:
+            raise ValueError(f"callbacks.preemption.check_every_n_steps={check_every_n_steps!r} "
+                             "must be an integer >= 1")
+        self.check_every_n_steps = check_every_n_steps
+        self.signals, self.requeue_signals = tuple(signals), tuple(requeue_signals)
+        self.requeued: str | None = None  # the job id requeued
         self.received: str | None = None
         self.saved_step: int | None = None
         self._previous: dict = {}
@@ -188,7 +215,12 @@ class Preemption(L.Callback):
             signal.signal(sig, self._handler)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        stop = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
+        if trainer.world_size == 1:
+            stop = self.received is not None
+        elif trainer.global_step % self.check_every_n_steps == 0:
+            stop = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
+        else:
+            return
         if stop and not trainer.should_stop:
             path = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
             trainer.save_checkpoint(path, weights_only=False)
@@ -197,6 +229,32 @@ class Preemption(L.Callback):
             if trainer.is_global_zero:
                 print(f"received {self.received or 'a stop signal'}: saved {path} at step "
                       f"{trainer.global_step}; continue with resume=auto", flush=True)
+                if self.received in self.requeue_signals:
+                    self.requeue()
+
+    def requeue(self) -> None:
+        """``scontrol requeue`` this SLURM job (nothing outside SLURM); a failure is reported
+        in one line, and the checkpoint stays for a manual resume."""
+        import os
+        import subprocess
+
+        array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+        job = f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+        if not job:
+            return
+        try:
+            done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True,
+                                  timeout=60)
+            ok, why = done.returncode == 0, (done.stderr or done.stdout).strip()
+        except (OSError, subprocess.TimeoutExpired) as err:
+            ok, why = False, str(err)
+        if ok:
+            self.requeued = job
+            print(f"requeued SLURM job {job}: it resumes this run when it starts again",
+                  flush=True)
+        else:
+            print(f"warning: scontrol requeue {job} failed ({' '.join(why.split())}); "
+                  "resume by hand with resume=auto", flush=True)
 
     def on_train_end(self, trainer, pl_module) -> None:
         import signal
@@ -254,3 +312,15 @@ class PeriodicCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
     @property
     def state_key(self) -> str:
         return "ModelCheckpoint" + super().state_key[len(type(self).__qualname__):]
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's TQDM bar, showing host numbers only: the module's ``progress_values`` (the
+    mean loss of the last check window). A metric logged with ``prog_bar=True`` is a device
+    tensor that the bar reads with ``.item()`` at every step: a host sync per step on a GPU.
+    train.py adds this bar when the trainer's progress bar is on."""
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        items.update({k: f"{v:.4g}" for k, v in getattr(pl_module, "progress_values", {}).items()})
+        return items

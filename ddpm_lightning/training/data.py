@@ -33,12 +33,13 @@ from ddpm_lightning.training.loaders import (
 def random_hflip(images: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Flip each image of a ``[B, C, H, W]`` batch left-right with probability 1/2.
 
-    The mask is drawn on the CPU from ``generator`` (B numbers, cheap) so the
-    result does not depend on the device RNG.
+    The mask is drawn on the images' device (from ``generator``, which must live there, or
+    from that device's global RNG): a mask drawn on the CPU and copied to a GPU would cost a
+    host-to-device copy, and a sync, at every training step.
     """
-    flip = torch.rand(images.shape[0], generator=generator) < 0.5
-    flip = flip.to(images.device).view(-1, 1, 1, 1)
-    return torch.where(flip, images.flip(-1), images)
+    device = generator.device if generator is not None else images.device
+    flip = torch.rand(images.shape[0], generator=generator, device=device) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
 
 
 class DiffusionDataModule(LightningDataModule):

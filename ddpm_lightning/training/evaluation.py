@@ -27,6 +27,7 @@ from ddpm_lightning.metrics.reference import (
     save_stats,
 )
 from ddpm_lightning.training.callbacks import SamplingCallback
+from ddpm_lightning.training.distributed import on_rank_zero
 
 
 class FIDCallback(SamplingCallback):
@@ -124,18 +125,21 @@ class FIDCallback(SamplingCallback):
         with torch.random.fork_rng(devices=cuda):
             reference = self._reference_stats(trainer, pl_module)
             moments = _all_gather_moments(trainer, self._sample_moments(trainer, pl_module))
-        fid = None
-        if trainer.is_global_zero:
-            fid = fid_from_stats(*moments.stats(), *reference)
+        step = trainer.global_step
+        # rank-0 work: a failure there raises on every rank (no rank left in a collective)
+        fid = on_rank_zero(f"the FID at step {step}",
+                           lambda: fid_from_stats(*moments.stats(), *reference))
         fid = float(trainer.strategy.broadcast(fid, src=0))
         seconds = time.perf_counter() - start
-        step = trainer.global_step
-        if trainer.is_global_zero:
+
+        def log() -> None:
             for logger in trainer.loggers:
                 logger.log_metrics({f"{self.prefix}fid": fid,
                                     f"{self.prefix}fid_seconds": seconds}, step=step)
             print(f"FID at step {step}: {fid:.3f} ({self.num_samples} samples, {seconds:.0f} s)",
                   flush=True)
+
+        on_rank_zero(f"logging the FID at step {step}", log)
         trainer.callback_metrics[f"{self.prefix}fid"] = torch.tensor(fid)
         self.last_fid, self._last_step = fid, step
         return fid
@@ -158,25 +162,29 @@ class FIDCallback(SamplingCallback):
             return self._ref
         ref, stats = self.reference, None
         if ref.get("path"):
-            stats = load_stats(ref["path"]) if trainer.is_global_zero else None
+            stats = on_rank_zero("reading the FID reference", load_stats, ref["path"])
         else:
             dataset, indices, key, info = _reference_set(
                 trainer.datamodule, ref["split"], ref.get("max_images"), None,
                 fingerprint=trainer.is_global_zero)
             path = Path(ref.get("cache_dir") or cache_dir()).expanduser() / f"{key}.npz"
-            if trainer.is_global_zero and path.is_file():
-                stats = load_stats(path, info)
+            stats = on_rank_zero(f"reading the FID reference {path}",
+                                 lambda: load_stats(path, info) if path.is_file() else None)
             if not trainer.strategy.broadcast(stats is not None, src=0):
                 rank, world = trainer.global_rank, trainer.world_size
                 moments = _dataset_moments(dataset, indices[rank::world],
                                            self.inception_batch_size, pl_module.device,
                                            self.weights_path, self.download)
                 moments = _all_gather_moments(trainer, moments)
-                if trainer.is_global_zero:
+
+                def cache():
                     stats = moments.stats()
                     save_stats(path, *stats, **info)
                     print(f"FID reference statistics ({len(indices)} images) cached in {path}",
                           flush=True)
+                    return stats
+
+                stats = on_rank_zero(f"caching the FID reference in {path}", cache)
         self._ref, self._ref_ready = stats, True
         return stats
 
@@ -262,13 +270,16 @@ class EvalCallback(FIDCallback):
         if self.best is None or fid < self.best[0]:
             self.best = (fid, step)
         trainer.callback_metrics["eval/best_fid"] = torch.tensor(self.best[0])
-        if trainer.is_global_zero:
+
+        def log() -> None:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
             for exp in _wandb_runs(trainer):
                 exp.summary["eval/best_fid"], exp.summary["eval/best_fid_step"] = self.best
             print(f"eval at step {step}: bits/dim {nll['eval/bpd']:.4f} ± "
                   f"{nll['eval/bpd_se']:.4f} ({nll['eval/nll_seconds']:.0f} s)", flush=True)
+
+        on_rank_zero(f"logging the evaluation at step {step}", log)
         return {"eval/fid": fid, **metrics}
 
     def evaluate_nll(self, trainer, pl_module) -> dict:

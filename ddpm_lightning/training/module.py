@@ -15,7 +15,10 @@ from ddpm_lightning.core.diffusion import GaussianDiffusion
 from ddpm_lightning.core.flops import precision_dtype, train_flops_per_image
 from ddpm_lightning.core.samplers import SamplerSettings
 from ddpm_lightning.core.timesteps import make_timestep_sampler
+from ddpm_lightning.training.distributed import sync_device
 from ddpm_lightning.training.hparams import check_number, to_plain
+from ddpm_lightning.training.monitor import StepMonitor
+from ddpm_lightning.training.optim import apply_settings, make_optimizer
 from ddpm_lightning.training.rng import collect_rng_states, fold_rank_into_rng, set_rng_states
 
 # The EMA copy is in eval mode on purpose; Lightning warns about any module in eval mode.
@@ -59,6 +62,12 @@ class DDPM(L.LightningModule):
             or a mode name ("default", "reduce-overhead", "max-autotune"). The EMA copy stays
             eager and the state_dict keys are unchanged. Compilation happens on the first
             step (slow once). Neither option is saved in the hyperparameters.
+        tf32: the float32 policy on CUDA, set explicitly when training starts: True runs fp32
+            matmuls and convolutions in TF32 (torch's default does so for cuDNN convolutions
+            only), False in full fp32. ``train/mfu`` under 32-true uses the matching peak.
+        peak_tflops: the device's peak TFLOP/s in the run's precision, for ``train/mfu``; null
+            takes Lightning's table, which has no entry for some devices (the H200 among them:
+            ``tools/gpu_check.py`` measures one).
     """
 
     def __init__(
@@ -82,6 +91,8 @@ class DDPM(L.LightningModule):
         channels_last: bool = True,
         compile: bool | str = False,
         check_every_n_steps: int = 50,
+        tf32: bool = True,
+        peak_tflops: float | None = None,
     ):
         super().__init__()
         check_number("module.lr", lr, "a finite number > 0", lambda v: v > 0)
@@ -94,6 +105,12 @@ class DDPM(L.LightningModule):
         check_number("module.check_every_n_steps", check_every_n_steps, "an integer >= 1",
                       lambda v: isinstance(v, int) and v >= 1)
         self.check_every_n_steps = check_every_n_steps
+        if not isinstance(tf32, bool):
+            raise ValueError(f"module.tf32={tf32!r} is invalid; it must be true or false")
+        if peak_tflops is not None:
+            check_number("module.peak_tflops", peak_tflops, "a number > 0, or null",
+                         lambda v: v > 0)
+        self.tf32, self.peak_tflops = tf32, peak_tflops
         if len(adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in adam_betas):
             raise ValueError(f"module.adam_betas={list(adam_betas)!r} must be two numbers in [0, 1)")
         # Plain Python containers only, so that checkpoints load with torch.load(weights_only=True).
@@ -126,9 +143,11 @@ class DDPM(L.LightningModule):
                 f"module.variance={variance!r}: the network predicts Σ; set it to null"
             )
         self._window: tuple[float | None, int] = (None, -1)  # (clock, step) of the last check
+        self._window_end: float | None = None  # the clock at the end of the window's last step
         self._flops: int | None = None  # training FLOPs per image
         self._own_rng_restored = False
-        self._watch: dict[str, torch.Tensor] | None = None  # device-side checks, see below
+        self.monitor = StepMonitor(self.diffusion.num_timesteps)  # device-side checks
+        self.progress_values: dict[str, float] = {}  # host numbers for the progress bar
 
     def check_data(self, datamodule) -> None:
         """The network against the data it is given, and against the variance it must
@@ -177,130 +196,100 @@ class DDPM(L.LightningModule):
         losses, t = self.diffusion.training_loss(self.model, x0, t=t)
         # weights = 1 / (T·p_t): an unbiased estimate of the uniform-t loss (1 for uniform t)
         loss = (losses * weights).mean()
-        self._record_nonfinite(loss, 0, t)
-        self.log("train/loss", loss, prog_bar=True)
-        self._add_loss_by_quartile(losses.detach(), t, weights)
+        self.monitor.record_nonfinite(loss, 0, t, self.global_step)
+        # not on the progress bar: the bar reads its values with .item() at every step; it
+        # shows the window's mean loss instead (progress_values, a host number)
+        self.log("train/loss", loss)
+        self.monitor.add_losses(losses.detach(), t, weights)
         if self.timesteps.name != "uniform":
             # every rank records every rank's (t, loss), so that all draw from the same p_t
             self.timesteps.update(self.all_gather(t), self.all_gather(losses.detach()))
         return loss
 
-    # ------------------------------------------- device-side checks (no host sync per step)
-    def _watch_state(self, device, batch: int) -> dict[str, torch.Tensor]:
-        if self._watch is None or self._watch["step"].device != device:
-            self._watch = {
-                "step": torch.full((), -1, dtype=torch.long, device=device),  # first bad step
-                "what": torch.zeros((), dtype=torch.long, device=device),  # 0 loss, 1 grad
-                "value": torch.zeros((), device=device),
-                "t": torch.zeros(batch, dtype=torch.long, device=device),
-                "q_sums": torch.zeros(4, device=device),
-                "q_mass": torch.zeros(4, device=device),
-            }
-        return self._watch
-
-    def _record_nonfinite(self, value: torch.Tensor, what: int, t: torch.Tensor | None) -> None:
-        """Remember the first non-finite loss (what=0) or gradient norm (1), on the device."""
-        w = self._watch_state(value.device, t.shape[0] if t is not None else 1)
-        first = ~torch.isfinite(value.detach()) & (w["step"] < 0)
-        w["step"] = torch.where(first, self.global_step, w["step"])
-        w["what"] = torch.where(first, what, w["what"])
-        w["value"] = torch.where(first, value.detach().float(), w["value"])
-        if t is not None and t.shape == w["t"].shape:
-            w["t"] = torch.where(first, t, w["t"])
-
-    def raise_if_nonfinite(self) -> None:
-        """The one host sync of the checks: raise FloatingPointError for the first non-finite
-        loss or gradient norm recorded since the start."""
-        if self._watch is None:
-            return
-        w = self._watch
-        step = int(w["step"])
-        if step < 0:
-            return
-        if int(w["what"]) == 0:
-            raise FloatingPointError(
-                f"non-finite loss {w['value'].item()} at global step {step} "
-                f"(batch timesteps t={w['t'].tolist()}); the last good checkpoint is kept"
-            )
-        raise FloatingPointError(
-            f"non-finite gradient norm {w['value'].item()} at global step {step}; "
-            "the last good checkpoint is kept"
-        )
-
-    def _add_loss_by_quartile(self, losses: torch.Tensor, t: torch.Tensor,
-                              weights: torch.Tensor) -> None:
-        """Accumulate, on the device, the loss of timesteps in each quarter of [0, T), as if t
-        were uniform (importance weights self-normalized within each quarter)."""
-        w = self._watch_state(losses.device, t.shape[0])
-        q = (t * 4) // self.diffusion.num_timesteps
-        wt = weights.float()
-        w["q_sums"].index_add_(0, q, losses.float() * wt)
-        w["q_mass"].index_add_(0, q, wt)
-
-    def _flush_loss_by_quartile(self) -> None:
-        """train/loss_q0 … q3: the window's mean loss per quarter; a quarter with no t in the
-        window logs nothing (not a spurious 0)."""
-        if self._watch is None or not self.loggers:
-            return
-        w = self._watch
-        sums, mass = torch.stack([w["q_sums"], w["q_mass"]]).tolist()
-        metrics = {f"train/loss_q{i}": s / m for i, (s, m) in enumerate(zip(sums, mass)) if m > 0}
-        w["q_sums"].zero_()
-        w["q_mass"].zero_()
-        if metrics and self.trainer.is_global_zero:
-            for logger in self.loggers:
-                logger.log_metrics(metrics, step=self.global_step)
+    # ------------------------------------- device-side checks (no host sync per step)
+    def raise_if_nonfinite(self, collective: bool = True) -> None:
+        """Raise FloatingPointError for the first non-finite loss or gradient norm recorded on
+        any rank (a host sync; under DDP a collective that every rank makes at the same step)."""
+        self.monitor.raise_if_nonfinite(self.device, collective)
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        # after Lightning's unscaling under fp16 AMP, so the norm is of the true gradients
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads:
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
             # fp16 AMP overflows on purpose: its grad scaler skips those steps itself
             if not str(self.trainer.precision).startswith("16"):
-                self._record_nonfinite(norm, 1, None)
+                self.monitor.record_nonfinite(norm, 1, None, self.global_step)
             self.log("train/grad_norm", norm)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         self.update_ema()
+        # Lightning counts this step after the hook: it is step global_step + 1. A check window
+        # ends here, before the callbacks' batch-end work (checkpoints, grids, FID) at this
+        # step, so that work never counts as training time.
+        if (self.global_step + 1) % self.check_every_n_steps == 0:
+            sync_device(self.device)
+            self._window_end = time.perf_counter()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        # a host tensor: a Python number would be copied to the device (a sync) at every step
+        self.log("train/lr", torch.tensor(float(self.trainer.optimizers[0].param_groups[0]["lr"])))
         if self.global_step % self.check_every_n_steps == 0 and \
                 self.global_step != self._window[1]:
-            self.raise_if_nonfinite()  # a host sync: the clock below reads finished work
-            self._flush_loss_by_quartile()
+            self.raise_if_nonfinite()  # a host sync, after the callbacks' work at this step
+            self._log_window(self.monitor.flush_losses())
             self._log_throughput(batch)
+
+    def _log_window(self, values: dict[str, float]) -> None:
+        """The window's quarter losses to the loggers (rank 0), and its mean loss as a host
+        number for the progress bar, which then never reads a device tensor."""
+        if "loss" in values:
+            self.progress_values["loss"] = values.pop("loss")
+        if values and self.trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics(values, step=self.global_step)
 
     def _log_throughput(self, batch: torch.Tensor) -> None:
         """Over the window since the last check (``check_every_n_steps`` optimizer steps; the
         first window also holds the start-up): ``train/images_per_sec`` (all ranks), and with
-        the network's FLOPs ``train/tflops_per_sec`` and, where Lightning knows the device's
-        peak for the precision, ``train/mfu``. Both ends of the window follow a host sync, so
-        the host clock measures device time and no step waits for it."""
-        now, step = time.perf_counter(), self.global_step
+        the network's FLOPs ``train/tflops_per_sec`` and, where the device's peak is known for
+        the precision (``peak_tflops``, else Lightning's table), ``train/mfu``; on CUDA
+        ``train/peak_memory_gib`` (the process's peak so far). The window runs
+        from just after the callbacks of its first step to the end of its last optimizer step
+        (before that step's callbacks), both after a device sync."""
+        end, step = self._window_end, self.global_step
         start, first = self._window
-        self._window = (now, step)
-        if start is None or step <= first:
+        self._window = (time.perf_counter(), step)  # the callbacks of this step are done
+        if start is None or end is None or step <= first:
             return
         trainer = self.trainer
         images = (step - first) * batch.shape[0] * trainer.world_size \
             * trainer.accumulate_grad_batches
-        rate = images / max(now - start, 1e-9)
+        rate = images / max(end - start, 1e-9)
         metrics = {"train/images_per_sec": rate}
         if self._flops is None:
             net = self.ema_model  # the same architecture, never compiled
             shape = (net.in_channels, net.image_size, net.image_size)
             self._flops = train_flops_per_image(net, shape, self.device)
         metrics["train/tflops_per_sec"] = rate * self._flops / 1e12
-        from lightning.fabric.utilities.throughput import get_available_flops
-
-        peak = get_available_flops(self.device, precision_dtype(trainer.precision))
+        peak = self.peak_flops()
         if peak:
             metrics["train/mfu"] = rate * self._flops / (peak * trainer.world_size)
+        if self.device.type == "cuda":  # the allocator's own count: no sync
+            metrics["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if trainer.is_global_zero:
             for logger in self.loggers:
                 logger.log_metrics(metrics, step=step)
+
+    def peak_flops(self) -> float | None:
+        """The device's peak FLOP/s for this run's precision: ``peak_tflops`` if given, else
+        Lightning's table (which reads TF32 for 32-true when ``tf32`` is on)."""
+        if self.peak_tflops is not None:
+            return self.peak_tflops * 1e12
+        from lightning.fabric.utilities.throughput import get_available_flops
+
+        return get_available_flops(self.device, precision_dtype(self.trainer.precision))
 
     # ----------------------------------------------------------- validation
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
@@ -313,6 +302,12 @@ class DDPM(L.LightningModule):
         self.log("val/loss", losses.mean(), sync_dist=True, batch_size=batch.shape[0])
 
     # --------------------------------------------------------- random streams
+    def setup(self, stage: str) -> None:
+        # the explicit fp32 policy (see tf32), on CUDA only: the CPU's fp32 stays untouched
+        if stage == "fit" and self.trainer.strategy.root_device.type == "cuda":
+            torch.set_float32_matmul_precision("high" if self.tf32 else "highest")
+            torch.backends.cudnn.allow_tf32 = self.tf32
+
     def on_train_start(self) -> None:
         """Under DDP, give every rank its own random stream for t, ε and flips.
 
@@ -321,6 +316,8 @@ class DDPM(L.LightningModule):
         only B distinct (t, ε) pairs. A resume that restores every rank's own saved state
         keeps it; otherwise the rank is folded into the common state here."""
         self._window = (time.perf_counter(), self.global_step)
+        self._window_end = None
+        self._apply_optimizer_settings()
         if self.trainer.world_size > 1 and not self._own_rng_restored:
             fold_rank_into_rng(self.trainer.global_rank)
         self._own_rng_restored = False  # a later fit of this module decides afresh
@@ -329,12 +326,12 @@ class DDPM(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep the RNG states (every rank's, under DDP), so that a resumed run draws the same
         t, ε and flips; and the timestep sampler's loss history. A run that has gone non-finite
-        since the last check raises here instead, so no checkpoint holds non-finite weights."""
-        self.raise_if_nonfinite()
+        (on any rank) since the last check raises here instead, so no checkpoint holds
+        non-finite weights. A save after an exception may run on one rank only: no collective
+        then."""
+        self.raise_if_nonfinite(collective=not self.trainer.interrupted)
         states = collect_rng_states()
         checkpoint["rng_states"] = states
-        # Every rank calls this for a normal save (rank 0 writes the file). A save after an
-        # exception may run on one rank only: no collective then, only rank 0's own state.
         if self.trainer.world_size > 1 and not self.trainer.interrupted:
             gathered = [None] * self.trainer.world_size
             torch.distributed.all_gather_object(gathered, states)
@@ -356,7 +353,7 @@ class DDPM(L.LightningModule):
         holds the same EMA weights and the same timestep loss history (all-gathered
         checksums)."""
         self.raise_if_nonfinite()
-        self._flush_loss_by_quartile()
+        self._log_window(self.monitor.flush_losses())
         if self.trainer.world_size <= 1:
             return
         with torch.no_grad():
@@ -376,23 +373,12 @@ class DDPM(L.LightningModule):
 
     # ------------------------------------------------------------ optimizer
     def configure_optimizers(self):
-        hp = self.hparams
-        params = list(self.model.parameters())
-        # On CUDA the fused kernel: one launch for all parameters and no host sync (its step
-        # counters stay on the device). Elsewhere torch's default (foreach) implementation.
-        on_cuda = all(p.is_cuda for p in params)
-        opt = torch.optim.Adam(
-            params,
-            lr=hp.lr,
-            betas=tuple(hp.adam_betas),
-            eps=hp.adam_eps,
-            weight_decay=hp.weight_decay,
-            fused=True if on_cuda else None,
-        )
-        warmup = hp.warmup_steps
+        precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
+        return make_optimizer(self.model.parameters(), self.hparams, precision)
 
-        def factor(step: int) -> float:
-            return min(step / warmup, 1.0) if warmup > 0 else 1.0
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    def _apply_optimizer_settings(self) -> None:
+        """A resume restores the optimizer and lr schedule with the settings they were saved
+        with; train with this run's (see ``apply_settings``)."""
+        configs = self.trainer.lr_scheduler_configs
+        apply_settings(self.trainer.optimizers[0], configs[0].scheduler if configs else None,
+                       self.hparams)
