@@ -11,7 +11,7 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.loggers import Logger
-from test_sync_free import Guarded, GuardedData, _net, guarded
+from test_sync_free import Guarded, GuardedData, _net, guard_the_loop, guarded
 
 from ddpm_lightning.core.schedules import make_beta_schedule
 from ddpm_lightning.training.callbacks import Preemption, ProgressBar
@@ -56,6 +56,7 @@ def main() -> None:
                         limit_val_batches=0, gradient_clip_val=1.0,
                         callbacks=[guarded(ProgressBar)(),
                                    guarded(Preemption)(check_every_n_steps=4)])
+    guard_the_loop(trainer, 4)  # Lightning's loop too: its per-step SIGTERM broadcast
     trainer.fit(module, datamodule=GuardedData(image_size=16, batch_size=8, random_flip=True))
     assert trainer.global_step == 8
     (OUT / f"rank{trainer.global_rank}.json").write_text(json.dumps(module.own))

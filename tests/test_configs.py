@@ -189,3 +189,60 @@ def test_slurm_path_composes_and_lightning_detects_slurm(monkeypatch, tmp_path):
     assert trainer.strategy._timeout.total_seconds() == 600  # trainer.strategy.timeout_minutes
     assert isinstance(env, SLURMEnvironment)
     assert (env.world_size(), env.global_rank(), env.local_rank(), env.node_rank()) == (4, 3, 1, 1)
+
+
+def _fake_run(root, name, settings, job=None):
+    """A run folder with a last.ckpt that records ``settings`` (and, with ``job``, the SLURM
+    job that started it)."""
+    import time
+
+    import torch
+
+    ckpt = root / name / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"hyper_parameters": {"run_config": settings}}, ckpt)
+    if job:
+        (root / name / runtime.SLURM_MARK).write_text(job + "\n")
+    time.sleep(0.01)  # distinct modification times: the newest is the last made
+    return ckpt
+
+
+def test_resume_auto_compares_what_a_run_computes(tmp_path, monkeypatch):
+    """Speed and bookkeeping keys (compile, channels-last, the strategy, loggers, callbacks)
+    and keys a checkpoint does not record (options added since) are not settings; the lr is."""
+    for key in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "SLURM_ARRAY_JOB_ID"):
+        monkeypatch.delenv(key, raising=False)
+    saved = {"module": {"lr": 1e-3, "compile": False}, "trainer": {"strategy": "ddp"},
+             "logger": {"name": "a"}}
+    old = _fake_run(tmp_path, "old", saved)
+    same = {"module": {"lr": 1e-3, "compile": True, "tf32": True},
+            "trainer": {"strategy": {"_target_": "x"}, "max_steps": 9}, "logger": {"name": "b"}}
+    assert runtime.find_resume_checkpoint("auto", tmp_path / "new", tmp_path, same) == old
+    notes = []
+    other = {**same, "module": {"lr": 5e-4}}
+    assert runtime.find_resume_checkpoint("auto", tmp_path / "new", tmp_path, other,
+                                          notes) is None
+    assert notes == [f"resume=auto: starting a fresh run: the newest run of this experiment, "
+                     f"{old.parent.parent}, was trained with other settings: module.lr=0.001 "
+                     "(this run: 0.0005)"]
+
+
+def test_slurm_runs_resume_their_own_job_only_when_requeued(tmp_path, monkeypatch):
+    """In a requeued SLURM job the run of that job is continued from its latest checkpoint,
+    whatever resume= says (null, auto, or the PATH it first resumed from). Not requeued (several
+    runs in one allocation), resume=auto compares settings as anywhere else."""
+    for key in ("SLURM_RESTART_COUNT", "SLURM_ARRAY_JOB_ID"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    settings = {"module": {"lr": 1e-3}}
+    first = _fake_run(tmp_path, "first", settings, job="42")
+    mine = _fake_run(tmp_path, "mine", {"module": {"lr": 5e-4}}, job="42")
+    _fake_run(tmp_path, "another_job", {"module": {"lr": 5e-4}}, job="41")
+    assert runtime.find_resume_checkpoint(None, tmp_path / "new", tmp_path, settings) is None
+    assert runtime.find_resume_checkpoint("auto", tmp_path / "new", tmp_path, settings) == first
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    for resume in (None, "auto", str(first)):
+        assert runtime.find_resume_checkpoint(resume, tmp_path / "new", tmp_path,
+                                              settings) == mine, resume
+    monkeypatch.setenv("SLURM_JOB_ID", "43")  # a requeued job with no run of its own yet
+    assert runtime.find_resume_checkpoint(None, tmp_path / "new", tmp_path, settings) is None

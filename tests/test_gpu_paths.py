@@ -256,8 +256,7 @@ def _gather_rank(rank: int, port: int, out: str) -> None:
     indices = torch.arange(rank, 7, 2)
     images = indices.view(-1, 1, 1, 1).expand(-1, 3, 4, 4).to(torch.uint8).contiguous()
     idx, img = gather_to_rank_zero(indices, images, torch.device("cpu"), chunk=2)
-    result = None if idx is None else {"indices": idx.tolist(),
-                                       "firsts": img[:, 0, 0, 0].tolist()}
+    result = None if idx is None else sorted(zip(idx.tolist(), img[:, 0, 0, 0].tolist()))
     with open(os.path.join(out, f"gather{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()
@@ -268,5 +267,50 @@ def test_samples_are_gathered_on_rank_zero_only(tmp_path):
 
     mp.spawn(_gather_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     zero, one = (json.loads((tmp_path / f"gather{r}.json").read_text()) for r in (0, 1))
-    assert zero == {"indices": list(range(7)), "firsts": list(range(7))}
+    assert zero == [[i, i] for i in range(7)]  # every sample once, with its own image
     assert one is None  # rank 1 never holds the other ranks' samples
+    from ddpm_lightning.app.sampling import check_indices
+
+    images = torch.arange(3).view(3, 1, 1, 1)
+    assert check_indices(torch.tensor([2, 0, 1]), images).flatten().tolist() == [1, 2, 0]
+    with pytest.raises(RuntimeError, match="not 0..N-1 exactly once"):
+        check_indices(torch.tensor([0, 0, 2]), images)
+
+
+# ------------------------------------------------ 16. preemption at a step boundary
+class SignalAtBatch(L.Callback):
+    """Sets the preemption flag (as its signal handler would) at the start of batch ``batch``."""
+
+    def __init__(self, preemption, batch: int):
+        self.preemption, self.batch = preemption, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.batch:
+            self.preemption.received = "SIGUSR1"
+
+
+@pytest.mark.parametrize("signal_batch", [2, 3])
+def test_preemption_stops_right_after_an_optimizer_step(tmp_path, signal_batch):
+    """With 2 micro-batches per step, a signal at either micro-batch stops after the step they
+    make up, never between them (a resume would then take a one-micro-batch step)."""
+    from ddpm_lightning.training.callbacks import Preemption
+
+    pre = Preemption(requeue_signals=())
+    trainer, _ = _fit(_module(), 10, callbacks=[pre, SignalAtBatch(pre, signal_batch)],
+                      accumulate_grad_batches=2, default_root_dir=str(tmp_path))
+    progress = trainer.fit_loop.epoch_loop.batch_progress.current
+    assert pre.saved_step == trainer.global_step == 2
+    assert progress.completed == 2 * trainer.global_step  # whole steps only
+
+
+def test_a_signal_at_the_last_step_neither_stops_nor_requeues(tmp_path, monkeypatch):
+    """At max_steps the run is complete: no preemption save, no requeue; the end-of-training
+    work runs as usual."""
+    from ddpm_lightning.training.callbacks import Preemption
+
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    pre = Preemption()
+    pre.requeue = lambda: pytest.fail("requeued a finished run")
+    trainer, _ = _fit(_module(), 3, callbacks=[pre, SignalAtBatch(pre, 2)],
+                      default_root_dir=str(tmp_path))
+    assert trainer.global_step == 3 and pre.saved_step is None

@@ -183,7 +183,8 @@ def test_resume_auto_continues_only_a_run_with_the_same_settings(tmp_path):
 def test_resume_path_with_new_settings_trains_with_them_and_records_the_step(tmp_path):
     """An explicit resume=PATH may change settings: the new lr (and Adam settings) apply from
     the resumed step on, although the checkpoint's optimizer state holds the old ones, and
-    RUN/resumes.jsonl says which settings changed at which step."""
+    RUN/resumes.jsonl says which settings changed at which step (and that a new seed does not
+    apply: the checkpoint's random streams continue)."""
     import json
 
     args = [*BASE, "module.warmup_steps=8", "module.adam_eps=1e-6"]
@@ -194,7 +195,7 @@ def test_resume_path_with_new_settings_trains_with_them_and_records_the_step(tmp
                  "module.lr=1e-3"))
     proc = _ok(run_script("train.py", *args, f"hydra.run.dir={tmp_path / 'unused'}",
                           "trainer.max_steps=8", "module.lr=5e-4", "module.adam_eps=1e-5",
-                          f"resume={part / 'checkpoints' / 'last.ckpt'}"))
+                          "seed=1", f"resume={part / 'checkpoints' / 'last.ckpt'}"))
     assert "from step 4 on: module.adam_eps=1e-06 (this run: 1e-05), module.lr=0.001 " \
            "(this run: 0.0005), trainer.max_steps=4 (this run: 8)" in proc.stderr
     want = dict(series(read_metrics(full), "train/lr"))
@@ -206,7 +207,10 @@ def test_resume_path_with_new_settings_trains_with_them_and_records_the_step(tmp
     assert record == [{"step": 4, "checkpoint": str(part / "checkpoints" / "last.ckpt"),
                        "changed": {"module.adam_eps": [1e-06, 1e-05],
                                    "module.lr": [0.001, 0.0005],
-                                   "trainer.max_steps": [4, 8]}}]
+                                   "trainer.max_steps": [4, 8]},
+                       "not_applied": {"seed": [0, 1]}}]
+    assert "note: seed=0 (this run: 1) does not apply: a resume continues the checkpoint's " \
+           "random streams" in proc.stderr
     ckpt = __import__("torch").load(part / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["optimizer_states"][0]["param_groups"][0]["eps"] == 1e-5
 

@@ -1,15 +1,17 @@
 """The training step makes no device-to-host sync and no host-to-device copy, so a GPU never
-waits for the host between the checks: inside the training and optimizer steps, the batch
-transfer hook (flips on), the module's and the callbacks' batch ends (progress bar on,
-preemption active), ``Tensor.item``, ``tolist``, ``__bool__``, ``__int__``, ``__float__``
-raise, and so do ``torch.tensor(data, device=...)`` and a tensor drawn or filled with no
-``device=`` (on a GPU, both are a synchronous host-to-device copy). Training still runs, in one
-process and on 2 gloo ranks. The non-finite checks are read every ``module.check_every_n_steps``
-steps instead, where the guard is off."""
+waits for the host between the checks. Inside every training batch as Lightning's loop runs it
+(the training and optimizer steps, the batch transfer with flips on, the module's and the
+callbacks' batch ends with the progress bar on and preemption active, and the loop's own
+work), ``Tensor.item``, ``tolist``, ``__bool__``, ``__int__`` and ``__float__`` raise, and so do
+``torch.tensor(data, device=...)`` and a tensor drawn or filled with no ``device=`` (on a GPU,
+both are a synchronous host-to-device copy). Training still runs, in one process and on 2 gloo
+ranks. The non-finite checks are read every ``module.check_every_n_steps`` steps instead,
+where the guard is off."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 
 import lightning as L
@@ -122,12 +124,30 @@ def guarded(callback_class):
     return GuardedCallback
 
 
+def guard_the_loop(trainer, every: int) -> None:
+    """Every training batch as Lightning's loop runs it (fetch, transfer, step, batch ends and
+    the loop's own work) under ``no_host_sync``, except the first (Adam's lazy state) and the
+    batches that end at a check step (every ``every`` steps)."""
+    loop = trainer.fit_loop.epoch_loop
+    advance = loop.advance
+
+    def guarded_advance(*args, **kwargs):
+        step = trainer.global_step
+        check = step == 0 or (step + 1) % every == 0
+        allowed = functools.partial(_optimizer_steps, trainer.lightning_module)
+        with contextlib.nullcontext() if check else no_host_sync(allowed):
+            return advance(*args, **kwargs)
+
+    loop.advance = guarded_advance
+
+
 def _fit(module, steps=6, callbacks=(), **trainer_kwargs):
     trainer_kwargs.setdefault("enable_progress_bar", False)
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False,
                         enable_model_summary=False,
                         enable_checkpointing=False, limit_val_batches=0,
                         gradient_clip_val=1.0, callbacks=list(callbacks), **trainer_kwargs)
+    guard_the_loop(trainer, module.check_every_n_steps)
     trainer.fit(module, datamodule=GuardedData(image_size=16, batch_size=8, random_flip=True))
     return trainer
 

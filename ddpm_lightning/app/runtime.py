@@ -189,9 +189,13 @@ class KeepEarlierRuns(Callback):
 # what it shows and records (callbacks draw from their own generators, never the training RNG).
 # resume=auto continues a run whose other settings all equal this command's.
 RUN_LENGTH = ("trainer.max_steps", "trainer.max_time")
-NOT_SETTINGS = ("resume", "data.root", "data.num_workers", "trainer.enable_progress_bar",
-                "trainer.enable_model_summary", "trainer.log_every_n_steps", "callbacks",
-                "logger", "job_name", "optimized_metric")
+NOT_SETTINGS = ("resume", "data.root", "data.num_workers", "data.on_device",
+                "trainer.enable_progress_bar", "trainer.enable_model_summary",
+                "trainer.log_every_n_steps", "trainer.strategy", "trainer.benchmark",
+                "module.compile", "module.channels_last", "module.check_every_n_steps",
+                "module.peak_tflops", "callbacks", "logger", "job_name", "optimized_metric")
+# A resume continues the checkpoint's random streams: a new seed does not apply.
+NOT_APPLIED_ON_RESUME = ("seed",)
 
 
 def _flat(tree, prefix: str = "") -> dict:
@@ -206,9 +210,10 @@ def _flat(tree, prefix: str = "") -> dict:
 def changed_settings(saved: dict, current: dict, ignore=NOT_SETTINGS) -> dict:
     """``{key: (saved value, current value)}`` for every setting (dotted key) that differs
     between a checkpoint's run config and this run's, except the keys in ``ignore`` and the
-    keys under them."""
+    keys under them, and the keys the checkpoint does not record (options added since it was
+    written, which take their defaults)."""
     old, new = _flat(saved), _flat(current)
-    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+    return {k: (old.get(k), new.get(k)) for k in sorted(old)
             if old.get(k) != new.get(k)
             and not any(k == i or k.startswith(i + ".") for i in ignore)}
 
@@ -271,14 +276,24 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path, outputs_root: Path
     run's); an earlier run with other settings is passed over, and ``notes`` gets one line
     saying why this run starts afresh.
 
-    Under SLURM a run records its job id (``RUN/slurm_job_id``), and the run of this job is
-    found first: a requeued job (SLURM_RESTART_COUNT > 0) continues it even with resume=null,
-    so a preempted and requeued job resumes in its own folder."""
+    Under SLURM a run records its job id (``RUN/slurm_job_id``). A requeued job
+    (SLURM_RESTART_COUNT > 0) continues the newest run of its own job, whatever ``resume``
+    says (the command is the one that started that run: resume=null, auto or the PATH it first
+    resumed from), so a preempted and requeued job resumes in its own folder, from its latest
+    step."""
     job = slurm_job_id()
-    requeued = resume in (None, "", "null") and job is not None and slurm_requeued()
-    if resume in (None, "", "null") and not requeued:
+    if job is not None and slurm_requeued() and outputs_root is not None:
+        own_job = _slurm_runs(sorted(
+            (p for p in outputs_root.glob("*/checkpoints/last.ckpt") if p.is_file()),
+            key=lambda p: p.stat().st_mtime, reverse=True), job)
+        if own_job:
+            if notes is not None:
+                notes.append(f"SLURM job {job} (requeued): continuing its run "
+                             f"{own_job[0].parent.parent}")
+            return own_job[0].resolve()
+    if resume in (None, "", "null"):
         return None
-    if resume != "auto" and not requeued:
+    if resume != "auto":
         path = Path(resume).expanduser()
         if path.is_dir():
             raise ConfigError(f"resume={resume} is a directory; give a checkpoint file (e.g. "
@@ -295,7 +310,7 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path, outputs_root: Path
             return {"(the checkpoint)": ("unreadable", "")}
         return changed_settings(saved, settings, ignore=NOT_SETTINGS + RUN_LENGTH)
 
-    def own_run(path: Path) -> Path:  # this folder's, or this SLURM job's: no other choice
+    def own_run(path: Path) -> Path:  # this folder's: no other choice
         diff = changes(path)
         if diff:
             raise ConfigError(
@@ -313,14 +328,6 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path, outputs_root: Path
         (p for p in outputs_root.glob("*/checkpoints/last.ckpt") if p.is_file()),
         key=lambda p: p.stat().st_mtime, reverse=True,
     )
-    same_job = _slurm_runs(candidates, job) if job is not None else []
-    if same_job:
-        if notes is not None:
-            notes.append(f"SLURM job {job}{' (requeued)' if slurm_requeued() else ''}: "
-                         f"continuing its run {same_job[0].parent.parent}")
-        return own_run(same_job[0])
-    if requeued:
-        return None
     for path in candidates:
         if not changes(path):
             return path.resolve()

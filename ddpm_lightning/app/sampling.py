@@ -30,6 +30,7 @@ class SamplingJob:
     run_config: dict
     ckpt: dict
     results: dict = field(default_factory=dict)
+    nll_net: torch.nn.Module | None = None  # the network in fp32, for bits/dim
 
     @property
     def is_global_zero(self) -> bool:
@@ -83,23 +84,32 @@ def build(cfg: DictConfig) -> SamplingJob:
                   file=sys.stderr)
     # The precision is applied by prepare (bf16 autocast around the network only, the chain in
     # fp32), not by Fabric, whose autocast would also cover the sampler's arithmetic.
+    strategy = "auto"
+    if cfg.devices > 1:  # with the training runs' process-group timeout (trainer=ddp)
+        from datetime import timedelta
+
+        from lightning.fabric.strategies import DDPStrategy
+
+        strategy = DDPStrategy(timeout=timedelta(minutes=10))
     fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices, precision="32-true",
-                    strategy="ddp" if cfg.devices > 1 else "auto")
+                    strategy=strategy)
     fabric.launch()
-    net = module.ema_model if cfg.use_ema else module.model
-    net = prepare(fabric.to_device(net), channels_last=cfg.channels_last,
-                  bf16=str(cfg.precision) == "bf16-mixed", compile=cfg.compile)
+    net = fabric.to_device(module.ema_model if cfg.use_ema else module.model)
+    # the samples under the requested precision; bits/dim always in fp32 (a bound, not a look)
+    net, nll_net = (prepare(net, channels_last=cfg.channels_last, compile=cfg.compile,
+                            bf16=bf16) for bf16 in (str(cfg.precision) == "bf16-mixed", False))
     results = {"ckpt_path": str(cfg.ckpt_path), "global_step": ckpt.get("global_step"),
                "use_ema": cfg.use_ema, "sampler": settings.config(),
                "num_samples": cfg.num_samples}
-    return SamplingJob(cfg, module, settings, fabric, net, run_config, ckpt, results)
+    return SamplingJob(cfg, module, settings, fabric, net, run_config, ckpt, results,
+                       nll_net=nll_net)
 
 
 def draw(job: SamplingJob) -> torch.Tensor | None:
     """All the samples (uint8) in index order on rank 0, each rank drawing its share; None on
     the other ranks."""
     from ddpm_lightning.core.generate import generate
-    from ddpm_lightning.training.distributed import gather_to_rank_zero
+    from ddpm_lightning.training.distributed import gather_to_rank_zero, on_rank_zero
 
     cfg, fabric = job.cfg, job.fabric
     shape = (job.net.in_channels, job.net.image_size, job.net.image_size)
@@ -107,7 +117,17 @@ def draw(job: SamplingJob) -> torch.Tensor | None:
                                shape, seed=cfg.seed, rank=fabric.global_rank,
                                world_size=fabric.world_size, device=fabric.device,
                                settings=job.settings, progress=cfg.progress and job.is_global_zero)
-    return gather_to_rank_zero(indices, images, fabric.device)[1]
+    indices, images = gather_to_rank_zero(indices, images, fabric.device)
+    # rank 0's check of the gathered indices fails on every rank (none is left waiting)
+    return on_rank_zero("gathering the samples", check_indices, indices, images)
+
+
+def check_indices(indices: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """``images`` in index order, checked to be samples 0..N-1 exactly once."""
+    order = torch.argsort(indices)
+    if not torch.equal(indices[order], torch.arange(indices.numel())):
+        raise RuntimeError("gathered sample indices are not 0..N-1 exactly once")
+    return images[order]
 
 
 def save(out_dir: Path, images: torch.Tensor, grid_size: int) -> None:
@@ -140,7 +160,7 @@ def nll(job: SamplingJob) -> dict:
     dm = _datamodule(job, batch_size=cfg.nll.batch_size)
     dm.setup("test")
     loader = dm.test_dataloader() if cfg.nll.split == "test" else dm.train_dataloader()
-    sums = bits_per_dim(job.net, job.module.diffusion, loader, fabric.global_rank,
+    sums = bits_per_dim(job.nll_net or job.net, job.module.diffusion, loader, fabric.global_rank,
                         fabric.world_size, fabric.device, cfg.nll.max_images,
                         progress=cfg.progress and job.is_global_zero)
     if fabric.world_size > 1:

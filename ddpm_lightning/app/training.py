@@ -27,6 +27,7 @@ def build(cfg: DictConfig, hc, run_dir: Path):
     run being resumed, if any."""
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     from ddpm_lightning.training.callbacks import ProgressBar
     from ddpm_lightning.training.distributed import collective_checkpoint_saves
@@ -67,8 +68,11 @@ def build(cfg: DictConfig, hc, run_dir: Path):
             not any(isinstance(cb, ProgressBarBase) for cb in callbacks):
         callbacks.append(ProgressBar())  # shows host numbers only: no sync per step
     loggers = make_loggers(cfg, hc, run_dir, resuming=resume_ckpt is not None)
+    plugins = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():  # Preemption handles SLURM's signal (and requeues), at a step
+        plugins.append(SLURMEnvironment(auto_requeue=False))  # boundary; Lightning's: mid-step
     trainer = instantiate(cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks,
-                          logger=loggers or False, plugins=[AtomicCheckpointIO()])
+                          logger=loggers or False, plugins=plugins)
     collective_checkpoint_saves(trainer.strategy)  # a failed write ends every rank
     return module, datamodule, trainer, resume_ckpt, run_dir
 
@@ -148,12 +152,18 @@ def record_resume(run_dir: Path, ckpt_path: Path, settings: dict) -> None:
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     step = int(ckpt.get("global_step", 0))
     changed = runtime.changed_settings(ckpt["hyper_parameters"]["run_config"], settings)
+    ignored = {k: changed.pop(k) for k in runtime.NOT_APPLIED_ON_RESUME if k in changed}
     entry = {"step": step, "checkpoint": str(ckpt_path),
              "changed": {k: list(v) for k, v in changed.items()}}
+    if ignored:
+        entry["not_applied"] = {k: list(v) for k, v in ignored.items()}
     with open(run_dir / "resumes.jsonl", "a") as f:
         f.write(json.dumps(entry) + "\n")
     what = f"; from step {step} on: {runtime.describe_changes(changed)}" if changed else ""
     print(f"resuming from {ckpt_path} at step {step}{what}", file=sys.stderr)
+    if ignored:
+        print(f"note: {runtime.describe_changes(ignored)} does not apply: a resume continues the "
+              "checkpoint's random streams", file=sys.stderr)
 
 
 def job_failed(err: BaseException, hc) -> None:

@@ -47,7 +47,9 @@ class EveryNSteps(L.Callback):
             self.run(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.run_on_train_end and trainer.global_step != self._last_step:
+        # not when a signal stopped the run: the scheduler is ending the job (all ranks agree)
+        if self.run_on_train_end and trainer.global_step != self._last_step \
+                and not stopped_by_preemption(trainer):
             self.run(trainer, pl_module)
 
 
@@ -176,11 +178,18 @@ class Preemption(L.Callback):
     ``runtime.find_resume_checkpoint``). This handler replaces Lightning's own SLURM one, which
     saves ``hpc_ckpt_N.ckpt`` from inside the signal handler, mid-step, where no resume looks.
 
+    The run stops right after an optimizer step (never between the micro-batches of gradient
+    accumulation), and not at the last step (the run is complete: nothing to requeue).
+
     Under DDP the decision is shared by all ranks (a signal to any rank stops them all, at the
     same step). Sharing it is an all-reduce and a host read, so it is made every
     ``check_every_n_steps`` steps only: the run stops within that many steps of the signal,
     which must fit in the grace period of the scheduler (SLURM's KillWait, 30 s by default). In
-    a single process the flag is read at every step, with no sync."""
+    a single process the flag is read at every step, with no sync. While its handlers are
+    installed (from the start of training to the teardown) Lightning's own per-step SIGTERM
+    broadcast under DDP (a copy, a broadcast and a host read at every step since Lightning
+    2.5.2) is switched off: only this callback's handlers run then, so it could never carry a
+    signal."""
 
     def __init__(self, signals=("SIGTERM", "SIGINT", "SIGUSR1"), requeue_signals=("SIGUSR1",),
                  check_every_n_steps: int = 10):
@@ -194,6 +203,8 @@ class Preemption(L.Callback):
         self.received: str | None = None
         self.saved_step: int | None = None
         self._previous: dict = {}
+        self._seen_step: int | None = None  # the optimizer step of the last batch end seen
+        self._lightning_broadcast = None
 
     def _handler(self, signum, frame):
         import signal
@@ -207,17 +218,30 @@ class Preemption(L.Callback):
         import signal
         import threading
 
+        self._seen_step = trainer.global_step
         if threading.current_thread() is not threading.main_thread():
             return
+        if getattr(trainer, "received_sigterm", False):  # Lightning's handler saw it first
+            self.received = "SIGTERM"
         for name in self.signals:
             sig = getattr(signal, name)
             self._previous[sig] = signal.getsignal(sig)
             signal.signal(sig, self._handler)
+        loop = trainer.fit_loop.epoch_loop
+        if "SIGTERM" in self.signals and hasattr(loop, "_broadcast_sigterm_tensor"):
+            self._lightning_broadcast = loop._broadcast_sigterm_tensor
+            loop._broadcast_sigterm_tensor = lambda: None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._seen_step:  # no optimizer step since the last batch end
+            return
+        self._seen_step = step
+        if 0 < trainer.max_steps <= step:
+            return  # the last step: the run is complete (FinalCheckpoint saves it)
         if trainer.world_size == 1:
             stop = self.received is not None
-        elif trainer.global_step % self.check_every_n_steps == 0:
+        elif step % self.check_every_n_steps == 0:
             stop = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
         else:
             return
@@ -256,12 +280,27 @@ class Preemption(L.Callback):
             print(f"warning: scontrol requeue {job} failed ({' '.join(why.split())}); "
                   "resume by hand with resume=auto", flush=True)
 
-    def on_train_end(self, trainer, pl_module) -> None:
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        """Put Lightning's handlers and its broadcast back (after the end-of-training work, so
+        a signal during the final grid or FID meets this handler, not Lightning's SLURM one)."""
         import signal
 
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        if self._lightning_broadcast is not None:
+            trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = self._lightning_broadcast
+            self._lightning_broadcast = None
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.teardown(trainer, pl_module, "fit")
+
+
+def stopped_by_preemption(trainer) -> bool:
+    """True when a ``Preemption`` callback stopped this run (its last.ckpt is from this step,
+    and the end-of-training work is skipped: the job is being stopped)."""
+    return any(getattr(cb, "saved_step", None) == trainer.global_step
+               for cb in trainer.callbacks if isinstance(cb, Preemption))
 
 
 class FinalCheckpoint(L.Callback):
@@ -287,8 +326,7 @@ class FinalCheckpoint(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         # A run stopped by a signal mid-epoch has its last.ckpt from that step's batch end; a
         # save here would record the epoch as finished, and a resume would skip the rest of it.
-        if any(getattr(cb, "saved_step", None) == trainer.global_step
-               for cb in trainer.callbacks if isinstance(cb, Preemption)):
+        if stopped_by_preemption(trainer):
             return
         self._save(trainer)
 

@@ -101,15 +101,14 @@ def sync_device(device: torch.device) -> None:
 
 def gather_to_rank_zero(indices: torch.Tensor, images: torch.Tensor, device,
                         chunk: int = 256):
-    """Every rank's (indices, images) on rank 0, ordered by index and checked to be 0..N-1
-    exactly once; (None, None) on the other ranks. Rank r sends its share in chunks of
+    """Every rank's (indices, images) on rank 0, rank by rank; (None, None) on the other
+    ranks. Rank r sends its share in chunks of
     ``chunk`` images through ``device`` (NCCL sends from the GPU), so rank 0's memory holds the
     N images once and no other rank's holds more than its own share: an all-gather would put all
     N on every rank (50,000 images at 256² are 9.8 GB)."""
     rank, world = rank_and_world()
     if world == 1:
-        order = torch.argsort(indices)
-        return indices[order], images[order]
+        return indices, images
     counts = [torch.zeros((), dtype=torch.long, device=device) for _ in range(world)]
     dist.all_gather(counts, torch.tensor(indices.numel(), device=device))
     counts = [int(c) for c in counts]
@@ -129,9 +128,4 @@ def gather_to_rank_zero(indices: torch.Tensor, images: torch.Tensor, device,
             dist.recv(img, src=src)
             all_idx.append(idx.cpu())
             all_img.append(img.cpu())
-    idx, img = torch.cat(all_idx), torch.cat(all_img)
-    order = torch.argsort(idx)
-    idx, img = idx[order], img[order]
-    if not torch.equal(idx, torch.arange(idx.numel())):
-        raise RuntimeError("gathered sample indices are not 0..N-1 exactly once")
-    return idx, img
+    return torch.cat(all_idx), torch.cat(all_img)

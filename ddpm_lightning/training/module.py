@@ -144,6 +144,7 @@ class DDPM(L.LightningModule):
             )
         self._window: tuple[float | None, int] = (None, -1)  # (clock, step) of the last check
         self._window_end: float | None = None  # the clock at the end of the window's last step
+        self._paused = 0.0  # seconds of validation inside the current window (not training)
         self._flops: int | None = None  # training FLOPs per image
         self._own_rng_restored = False
         self.monitor = StepMonitor(self.diffusion.num_timesteps)  # device-side checks
@@ -258,20 +259,16 @@ class DDPM(L.LightningModule):
         ``train/peak_memory_gib`` (the process's peak so far). The window runs
         from just after the callbacks of its first step to the end of its last optimizer step
         (before that step's callbacks), both after a device sync."""
-        end, step = self._window_end, self.global_step
+        end, step, paused = self._window_end, self.global_step, self._paused
         start, first = self._window
-        self._window = (time.perf_counter(), step)  # the callbacks of this step are done
+        self._window, self._paused = (time.perf_counter(), step), 0.0  # callbacks are done
         if start is None or end is None or step <= first:
             return
         trainer = self.trainer
         images = (step - first) * batch.shape[0] * trainer.world_size \
             * trainer.accumulate_grad_batches
-        rate = images / max(end - start, 1e-9)
+        rate = images / max(end - start - paused, 1e-9)
         metrics = {"train/images_per_sec": rate}
-        if self._flops is None:
-            net = self.ema_model  # the same architecture, never compiled
-            shape = (net.in_channels, net.image_size, net.image_size)
-            self._flops = train_flops_per_image(net, shape, self.device)
         metrics["train/tflops_per_sec"] = rate * self._flops / 1e12
         peak = self.peak_flops()
         if peak:
@@ -292,6 +289,14 @@ class DDPM(L.LightningModule):
         return get_available_flops(self.device, precision_dtype(self.trainer.precision))
 
     # ----------------------------------------------------------- validation
+    def on_validation_start(self) -> None:
+        sync_device(self.device)  # validation inside a throughput window is not training time
+        self._validation_start = time.perf_counter()
+
+    def on_validation_end(self) -> None:
+        sync_device(self.device)
+        self._paused += time.perf_counter() - self._validation_start
+
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         # Fixed t and ε per batch index, so that val/loss is comparable across evaluations.
         g = torch.Generator(device="cpu").manual_seed(10_000 + batch_idx)
@@ -315,8 +320,12 @@ class DDPM(L.LightningModule):
         same t and ε for their (different) images: a global batch of B·N images would hold
         only B distinct (t, ε) pairs. A resume that restores every rank's own saved state
         keeps it; otherwise the rank is folded into the common state here."""
+        if self._flops is None:  # before the first window: a forward pass, counted
+            net = self.ema_model  # the same architecture, never compiled
+            shape = (net.in_channels, net.image_size, net.image_size)
+            self._flops = train_flops_per_image(net, shape, self.device)
         self._window = (time.perf_counter(), self.global_step)
-        self._window_end = None
+        self._window_end, self._paused = None, 0.0
         self._apply_optimizer_settings()
         if self.trainer.world_size > 1 and not self._own_rng_restored:
             fold_rank_into_rng(self.trainer.global_rank)
