@@ -70,6 +70,7 @@ PRECISIONS = {"32": "32", "32-true": "32", "bf16-mixed": "bf16-mixed", "bf16": "
 TARGETS = {
     "train_fp32_vs_diffusers_fp32": 1.1,
     "train_bf16_vs_diffusers_fp32": 1.6,
+    "train_bf16_vs_diffusers_bf16": 1.15,  # like for like: each precision against its own
     "sampler_step_over_forward_max": 1.02,
     "dataloader_over_train_min": 10.0,
 }
@@ -310,6 +311,10 @@ def targets(result: dict) -> dict:
             if p in prec:
                 add(key, prec[p]["ours"]["train"]["images_per_s"]["median"] / base_rate,
                     TARGETS[key])
+    bf16 = prec.get("bf16-mixed", {})
+    if "speedup" in bf16:
+        add("train_bf16_vs_diffusers_bf16", bf16["speedup"]["train"],
+            TARGETS["train_bf16_vs_diffusers_bf16"])
     for p, entry in prec.items():
         for name in ("ddpm", "ddim"):
             add(f"sampler_{name}_step_over_forward_{p}",
