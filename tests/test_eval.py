@@ -73,3 +73,16 @@ def test_eval_logs_fid_and_bits_per_dim_and_under_wandb_keeps_the_best(tmp_path,
     from ddpm_lightning.tools.compare import history
 
     assert history(run)["eval/fid"] == fids and history(run)["eval/bpd"] == bpd
+
+
+def test_eval_with_an_empty_torch_hub_cache_builds_the_weights(tmp_path):
+    """A fresh machine: no Inception weights anywhere. callbacks=eval builds them offline on
+    first use, in the torch hub cache, and evaluates."""
+    home = tmp_path / "empty_torch_home"
+    run = tmp_path / "run"
+    proc = run_main("train.py", *TINY, *EVAL, f"hydra.run.dir={run}", "trainer.max_steps=2",
+                    env={"TORCH_HOME": str(home), "DDPM_FID_CACHE": str(tmp_path / "stats")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "built the offline Inception weights" in proc.stdout + proc.stderr
+    assert (home / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth").is_file()
+    assert [s for s, _ in series(read_metrics(run), "eval/fid")] == [2]

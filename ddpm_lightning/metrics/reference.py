@@ -1,49 +1,20 @@
 """Reference statistics (µ, Σ) of a dataset's Inception features, computed once and cached
-(no Lightning). The cache key, the file format and the image fingerprint: see
-``reference_stats``."""
+(no Lightning). The cache key and the image fingerprint: see ``reference_stats``; the file
+format is ``fid.save_stats``'s. It imports ``fid``, never the other way round."""
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ddpm_lightning.metrics import fid
+from ddpm_lightning.metrics.fid import load_stats, save_stats
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("DDPM_FID_CACHE") or "~/.cache/ddpm_lightning/fid_stats").expanduser()
-
-
-def save_stats(path: str | os.PathLike, mu, sigma, **info) -> Path:
-    """Write (µ, Σ) and a JSON ``info`` record to ``path`` (.npz) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
-                     info=np.array(json.dumps(info, sort_keys=True)))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def load_stats(path: str | os.PathLike, info: dict | None = None):
-    """(µ, Σ) from a ``.npz`` with ``mu`` and ``sigma`` (ours, or e.g. the TTUR/ADM files).
-    With ``info`` given, return None when the file's record differs (a stale cache)."""
-    with np.load(Path(path).expanduser()) as f:
-        if info is not None:
-            stored = json.loads(str(f["info"])) if "info" in f else None
-            if stored != json.loads(json.dumps(info, sort_keys=True)):
-                return None
-        return f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
 
 
 def _reference_set(source, split: str, max_images: int | None, name: str | None, seed: int = 0,

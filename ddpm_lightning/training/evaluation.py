@@ -17,14 +17,14 @@ from ddpm_lightning.metrics.fid import (
     FeatureMoments,
     fid_from_stats,
     inception_features,
+    load_stats,
     resolve_weights,
+    save_stats,
 )
 from ddpm_lightning.metrics.reference import (
     _dataset_moments,
     _reference_set,
     cache_dir,
-    load_stats,
-    save_stats,
 )
 from ddpm_lightning.training.callbacks import SamplingCallback
 from ddpm_lightning.training.distributed import on_rank_zero
