@@ -8,7 +8,7 @@ import pytest
 
 from ddpm_lightning.tools.wandb_records import RecordError, find_runs, read_records, read_run
 
-from helpers import TINY, run_script
+from helpers import TINY, read_metrics, run_script, series
 
 OFFLINE = {"WANDB_MODE": None, "WANDB_API_KEY": None, "NETRC": "/nonexistent"}
 WANDB_TINY = [a for a in TINY if not a.startswith("logger=")] + ["logger=wandb"]
@@ -52,6 +52,9 @@ def _check_two_runs(sweep):
         assert run["exit_code"] == 0
     losses = [[h["train/loss"] for h in got[j]["history"] if "train/loss" in h] for j in "01"]
     assert losses[0] != losses[1]  # different schedules, different losses
+    for job in ("0", "1"):  # every job also writes its own CSV log, with what W&B received
+        csv_losses = [v for _, v in series(read_metrics(sweep / job), "train/loss")]
+        assert csv_losses == pytest.approx(losses[int(job)], rel=1e-6)
     return got
 
 

@@ -73,7 +73,40 @@ def run_identity(cfg: DictConfig, hydra_cfg, argv: list[str] | None = None) -> d
     return {"name": name, "group": group, "overrides": overrides, "sweep": sweep}
 
 
+def _csv_version(run_dir: Path, name: str, resuming: bool) -> str:
+    """The CSV log's folder under ``run_dir/name``: "" for a new run; a resume logs to its own
+    ``resume_N`` (Lightning's CSV writer deletes an existing metrics.csv)."""
+    if not resuming:
+        return ""
+    n = 1
+    while (run_dir / name / f"resume_{n}").exists():
+        n += 1
+    return f"resume_{n}"
+
+
 def make_loggers(cfg: DictConfig, hydra_cfg, run_dir: Path, resuming: bool) -> list:
+    """The configured logger (or none), with the run's identity and its resume folder; and,
+    unless that is a CSV logger already, the run's CSV log in ``RUN/csv``: every job has one,
+    whatever its logger, so that offline tools (``compare``) never read W&B's internal files."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    loggers = _configured(cfg, hydra_cfg, run_dir, resuming)
+    if not any(isinstance(lg, CSVLogger) for lg in loggers):
+        csv_log = CSVLogger(save_dir=str(run_dir), name="csv",
+                            version=_csv_version(run_dir, "csv", resuming))
+        csv_log.log_hyperparams(_hparams(cfg, run_identity(cfg, hydra_cfg)))
+        loggers.append(csv_log)
+    return loggers
+
+
+def _hparams(cfg: DictConfig, identity: dict) -> dict:
+    hparams = to_container(cfg)
+    hparams["overrides"] = identity["overrides"]
+    hparams["sweep"] = identity["sweep"]  # flat, so that W&B's group-by works on them
+    return hparams
+
+
+def _configured(cfg: DictConfig, hydra_cfg, run_dir: Path, resuming: bool) -> list:
     """The configured logger (or none), with the run's identity and its resume folder."""
     from hydra.utils import get_object, instantiate
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
@@ -98,19 +131,12 @@ def make_loggers(cfg: DictConfig, hydra_cfg, run_dir: Path, resuming: bool) -> l
         if resuming and run_id_file.is_file():
             extra.update(id=run_id_file.read_text().strip(), resume="allow")
     elif is_class and issubclass(obj, CSVLogger) and resuming:
-        # Lightning's CSV writer deletes an existing metrics.csv: log a resume to its own file
-        n = 1
-        while (run_dir / logger_cfg.name / f"resume_{n}").exists():
-            n += 1
-        extra["version"] = f"resume_{n}"
+        extra["version"] = _csv_version(run_dir, logger_cfg.name, resuming)
     try:
         logger = instantiate(logger_cfg, **extra)
     except Exception as err:
         raise ConfigError(f"logger._target_={target}: {one_line(err)}") from err
-    hparams = to_container(cfg)
-    hparams["overrides"] = identity["overrides"]
-    hparams["sweep"] = identity["sweep"]  # flat, so that W&B's group-by works on them
-    logger.log_hyperparams(hparams)
+    logger.log_hyperparams(_hparams(cfg, identity))
     if is_wandb:
         from lightning.pytorch.utilities import rank_zero_only
 

@@ -3,8 +3,8 @@
     python -m ddpm_lightning.tools.compare SWEEP_DIR [--out SWEEP_DIR/compare]
 
 It reads every job folder of a Hydra sweep (``SWEEP_DIR/0``, ``1``, …: the ones holding a
-``config.yaml``), from its CSV log (``logger=csv``) or else its W&B offline files
-(``logger=wandb``), and writes into ``--out``:
+``config.yaml``), from its CSV log (``RUN/csv``, which every run writes whatever its logger;
+runs made before that are read from their W&B offline files), and writes into ``--out``:
 
   report.md         a summary table (best FID, its step, final bits/dim ± its standard error,
                     final loss) and the figures below;
