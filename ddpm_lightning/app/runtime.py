@@ -385,7 +385,8 @@ def fail_before_work(err: BaseException, fresh_run_dir: Path) -> None:
     while cause.__cause__ is not None and "InstantiationException" in type(cause).__name__:
         cause = cause.__cause__  # hydra.utils.instantiate wraps the real error
     message = one_line(cause) or type(cause).__name__
-    print(f"error: {message}", file=sys.stderr)
+    sys.stderr.write(f"error: {message}\n")  # one write: ranks failing together share stderr
+    sys.stderr.flush()
     sys.exit(1)
 
 

@@ -169,6 +169,8 @@ def record_resume(run_dir: Path, ckpt_path: Path, settings: dict) -> None:
 def job_failed(err: BaseException, hc) -> None:
     """A job that failed after its work began: one line; exit 1 unless in a sweep, where the
     other jobs go on."""
-    print(f"error: {runtime.one_line(err)}", file=sys.stderr)
+    # one write, newline included: DDP ranks that fail together share the terminal
+    sys.stderr.write(f"error: {runtime.one_line(err)}\n")
+    sys.stderr.flush()
     if str(hc.mode) != "RunMode.MULTIRUN":
         sys.exit(1)
