@@ -6,8 +6,12 @@ It reads every job folder of a Hydra sweep (``SWEEP_DIR/0``, ``1``, …: the one
 ``config.yaml``), from its CSV log (``RUN/csv``, which every run writes whatever its logger;
 runs made before that are read from their W&B offline files), and writes into ``--out``:
 
-  report.md         a summary table (best FID, its step, final bits/dim ± its standard error,
-                    final loss) and the figures below;
+  report.md         a summary table per job (best FID, its step, final bits/dim ± its
+                    standard error, final loss), a table per setting over its seeds (the jobs
+                    grouped by every varying key except ``seed``: the mean and its 95%
+                    Student-t interval; a setting with one seed has none), and the figures;
+  summary.json      ``groups``: each setting's overrides, seeds, jobs, and per metric its
+                    ``mean``, ``low``, ``high`` (null with one seed) and ``n``;
   fid.png, bpd.png  eval/fid (or val/fid) and eval/bpd against the step, one line per job;
   bands.png         the bound per t-band (``eval/vb_band*``) at the last evaluation, and the
                     training loss per quarter of t (``train/loss_q*``), one line per job;
@@ -22,11 +26,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 
+from ddpm_lightning.metrics.intervals import t_interval
 from ddpm_lightning.tools.report import side_by_side
 
 
@@ -41,19 +47,60 @@ def job_dirs(sweep: Path) -> list[Path]:
                                        else 0, p.name))
 
 
-def labels(jobs: list[Path]) -> dict[Path, str]:
-    """Each job's name: its overrides whose values differ between the jobs."""
+def varying(jobs: list[Path]) -> dict[Path, dict[str, str]]:
+    """Each job's overrides whose values differ between the jobs, ``{key: value}``."""
     from omegaconf import OmegaConf
 
     overrides = {}
     for job in jobs:
         path = job / ".hydra" / "overrides.yaml"
         items = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else []
-        overrides[job] = dict(o.split("=", 1) for o in items or [] if "=" in o)
+        overrides[job] = {k.lstrip("+~"): v for k, v in
+                          (o.split("=", 1) for o in items or [] if "=" in o)}
     keys = sorted({k for o in overrides.values() for k in o})
-    varying = [k for k in keys if len({o.get(k) for o in overrides.values()}) > 1]
-    return {job: ",".join(f"{k.lstrip('+~')}={overrides[job].get(k)}" for k in varying)
-            or job.name for job in jobs}
+    keys = [k for k in keys if len({o.get(k) for o in overrides.values()}) > 1]
+    return {job: {k: overrides[job].get(k) for k in keys} for job in jobs}
+
+
+def labels(jobs: list[Path]) -> dict[Path, str]:
+    """Each job's name: its overrides whose values differ between the jobs."""
+    return {job: ",".join(f"{k}={v}" for k, v in diff.items()) or job.name
+            for job, diff in varying(jobs).items()}
+
+
+GROUP_METRICS = ("best_fid", "final_bpd", "final_loss")
+
+
+def groups(jobs: list[Path], summaries: dict[Path, dict]) -> list[dict]:
+    """The jobs grouped by every varying setting except ``seed``: for each group its settings,
+    its seeds, and for each metric the mean over its seeds with a 95% Student-t interval and
+    n (a group of one seed has no interval)."""
+    by_settings: dict[tuple, list[Path]] = {}
+    diffs = varying(jobs)
+    for job in jobs:
+        key = tuple((k, v) for k, v in diffs[job].items() if k != "seed")
+        by_settings.setdefault(key, []).append(job)
+    out = []
+    for key, members in by_settings.items():
+        metrics = {}
+        for name in GROUP_METRICS:
+            values = [summaries[j][name] for j in members if summaries[j][name] is not None]
+            if values:
+                metrics[name] = t_interval(values)
+        out.append({"settings": dict(key),
+                    "name": ",".join(f"{k}={v}" for k, v in key) or "all jobs",
+                    "seeds": [diffs[j].get("seed") for j in members],
+                    "jobs": [j.name for j in members], "metrics": metrics})
+    return out
+
+
+def _interval(entry: dict | None, digits: int) -> str:
+    if entry is None:
+        return "–"
+    if entry["low"] is None:
+        return f"{entry['mean']:.{digits}f} (1 seed: no interval)"
+    return (f"{entry['mean']:.{digits}f} [{entry['low']:.{digits}f}, "
+            f"{entry['high']:.{digits}f}]")
 
 
 def history(job: Path) -> dict[str, list[tuple[int, float]]]:
@@ -195,6 +242,18 @@ def run(sweep: Path, out: Path) -> Path:
                      f"{s['best_fid_step'] if s['best_fid_step'] is not None else '–'} | "
                      f"{bpd} | {_fmt(s['final_loss'], 4)} |")
     lines.append("")
+    grouped = groups(jobs, {job: summary(hist[job]) for job in jobs})
+    lines += ["Settings over their seeds: the mean and its 95% Student-t interval "
+              "(summary.json has the numbers).", "",
+              "| settings | seeds | best FID | final bits/dim | final loss |", "|---|---|---|---|---|"]
+    for g in grouped:
+        m = g["metrics"]
+        seeds = ",".join(str(x) for x in g["seeds"] if x is not None) or "–"
+        lines.append(f"| {g['name']} | {len(g['jobs'])} ({seeds}) | "
+                     f"{_interval(m.get('best_fid'), 2)} | {_interval(m.get('final_bpd'), 4)} | "
+                     f"{_interval(m.get('final_loss'), 4)} |")
+    lines.append("")
+    (out / "summary.json").write_text(json.dumps({"groups": grouped}, indent=2) + "\n")
     fid = {names[j]: hist[j].get("eval/fid") or hist[j].get("val/fid") or [] for j in jobs}
     if _plot_lines(fid, out / "fid.png", "FID", "FID against step (same x_T in every job)"):
         lines += ["![FID](fid.png)", ""]
