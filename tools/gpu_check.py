@@ -52,6 +52,17 @@ TINY_MODEL = ["model.ch=32", "model.ch_mult=[1,2]", "model.num_res_blocks=1",
               "model.attn_resolutions=[8]", "model.image_size=16", "data.image_size=16"]
 
 
+def _model_config(name: str, args):
+    """``conf/model/NAME.yaml``; with ``--quick`` the tiny model of the tests instead."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml")
+    if args.quick:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(
+            [o.removeprefix("model.") for o in TINY_MODEL if o.startswith("model.")]))
+    return cfg
+
+
 def _peak_memory(device: torch.device) -> dict:
     if device.type != "cuda":
         return {}
@@ -199,7 +210,6 @@ def part_syncs(args, device) -> dict:
 
     import lightning as L
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
     from ddpm_lightning.core.schedules import make_beta_schedule
     from ddpm_lightning.training.callbacks import Preemption, ProgressBar
@@ -218,10 +228,7 @@ def part_syncs(args, device) -> dict:
             if trainer.global_step == last and device.type == "cuda":
                 torch.cuda.set_sync_debug_mode(0)
 
-    cfg = OmegaConf.load(ROOT / "conf" / "model" / "unet_cifar10.yaml")
-    if args.quick:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(
-            [o.removeprefix("model.") for o in TINY_MODEL if o.startswith("model.")]))
+    cfg = _model_config("unet_cifar10", args)
     net = instantiate(cfg)
     module = DDPM(net, make_beta_schedule("linear", 1000), check_every_n_steps=50)
     data = DiffusionDataModule(dataset="synthetic", image_size=net.image_size,
@@ -246,7 +253,6 @@ def part_syncs(args, device) -> dict:
 
 def part_sampling(args, device) -> dict:
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
     from ddpm_lightning.core.diffusion import GaussianDiffusion
     from ddpm_lightning.core.generate import generate
@@ -254,10 +260,7 @@ def part_sampling(args, device) -> dict:
     from ddpm_lightning.core.samplers import SamplerSettings
     from ddpm_lightning.core.schedules import make_beta_schedule
 
-    cfg = OmegaConf.load(ROOT / "conf" / "model" / "unet_cifar10.yaml")
-    if args.quick:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(
-            [o.removeprefix("model.") for o in TINY_MODEL if o.startswith("model.")]))
+    cfg = _model_config("unet_cifar10", args)
     T = 20 if args.quick else 1000
     net = prepare(instantiate(cfg).to(device), bf16=True)
     dtypes = []
@@ -289,24 +292,20 @@ def _dpm_solver_memory(args, device) -> dict:
     """Peak memory of SDE-DPM-Solver++ with the 256² U-Net (bf16) at batch 16, with 10 and with
     50 steps: the solver keeps one earlier x̂_0, so the two are equal."""
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
     from ddpm_lightning.core.diffusion import GaussianDiffusion
     from ddpm_lightning.core.inference import prepare
     from ddpm_lightning.core.samplers import sample
     from ddpm_lightning.core.schedules import make_beta_schedule
 
-    cfg = OmegaConf.load(ROOT / "conf" / "model" / "unet_256.yaml")
-    if args.quick:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(
-            [o.removeprefix("model.") for o in TINY_MODEL if o.startswith("model.")]))
+    cfg = _model_config("unet_256", args)
     net = prepare(instantiate(cfg).to(device), bf16=True)
     diffusion = GaussianDiffusion(make_beta_schedule("linear", 1000))
     shape = (4 if args.quick else 16, net.in_channels, net.image_size, net.image_size)
     out = {"batch": shape[0], "image_size": shape[-1]}
     for steps in (10, 50):
+        _sync(device)
         if device.type == "cuda":
-            torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         with torch.no_grad():
             sample(net, diffusion, shape, sampler="dpm_solver", steps=steps, sde=True,
@@ -321,15 +320,11 @@ def part_memory_256(args, device) -> dict:
     and how many images of a step fit on this GPU (conf/data/celebahq256.yaml takes 32 per device,
     from the CPU's estimate of about 2 GiB each: 64 do not fit in 80 GB)."""
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
     from ddpm_lightning.core.diffusion import GaussianDiffusion
     from ddpm_lightning.core.schedules import make_beta_schedule
 
-    cfg = OmegaConf.load(ROOT / "conf" / "model" / "unet_256.yaml")
-    if args.quick:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(
-            [o.removeprefix("model.") for o in TINY_MODEL if o.startswith("model.")]))
+    cfg = _model_config("unet_256", args)
     net = instantiate(cfg).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(net.parameters(), lr=2e-5)
     diffusion = GaussianDiffusion(make_beta_schedule("linear", 1000))
@@ -348,8 +343,8 @@ def part_memory_256(args, device) -> dict:
     for precision in ("fp32", "bf16"):
         peaks = {}
         for batch in (2, 4):
+            _sync(device)
             if device.type == "cuda":
-                torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
             step(batch, precision)
             peaks[batch] = _peak_memory(device).get("peak_memory_gib")

@@ -12,6 +12,8 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from ddpm_lightning.training.distributed import slurm_job_id
+
 
 class ConfigError(ValueError):
     """A bad configuration value; the message is one line naming the key and the value."""
@@ -240,18 +242,15 @@ def saved_run_config(path: Path) -> dict | None:
 SLURM_MARK = "slurm_job_id"  # RUN/slurm_job_id: the SLURM job a run was started by
 
 
-def slurm_job_id() -> str | None:
-    """The id ``scontrol requeue`` takes for this SLURM job (``ARRAY_TASK`` for an array's
-    task), or None outside SLURM. A requeued job keeps it."""
-    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if array and task:
-        return f"{array}_{task}"
-    return os.environ.get("SLURM_JOB_ID") or None
-
-
 def slurm_requeued() -> bool:
     """True in a SLURM job that was requeued (SLURM counts the restarts)."""
     return (os.environ.get("SLURM_RESTART_COUNT") or "0").strip() not in ("", "0")
+
+
+def _last_checkpoints(outputs_root: Path) -> list[Path]:
+    """The ``*/checkpoints/last.ckpt`` of the runs under ``outputs_root``, newest first."""
+    return sorted((p for p in outputs_root.glob("*/checkpoints/last.ckpt") if p.is_file()),
+                  key=lambda p: p.stat().st_mtime, reverse=True)
 
 
 def _slurm_runs(candidates: list[Path], job: str) -> list[Path]:
@@ -283,9 +282,7 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path, outputs_root: Path
     step."""
     job = slurm_job_id()
     if job is not None and slurm_requeued() and outputs_root is not None:
-        own_job = _slurm_runs(sorted(
-            (p for p in outputs_root.glob("*/checkpoints/last.ckpt") if p.is_file()),
-            key=lambda p: p.stat().st_mtime, reverse=True), job)
+        own_job = _slurm_runs(_last_checkpoints(outputs_root), job)
         if own_job:
             if notes is not None:
                 notes.append(f"SLURM job {job} (requeued): continuing its run "
@@ -324,10 +321,7 @@ def find_resume_checkpoint(resume: str | None, run_dir: Path, outputs_root: Path
         return own_run(own)
     if outputs_root is None:
         return None
-    candidates = sorted(
-        (p for p in outputs_root.glob("*/checkpoints/last.ckpt") if p.is_file()),
-        key=lambda p: p.stat().st_mtime, reverse=True,
-    )
+    candidates = _last_checkpoints(outputs_root)
     for path in candidates:
         if not changes(path):
             return path.resolve()

@@ -94,10 +94,11 @@ def build(cfg: DictConfig) -> SamplingJob:
     fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices, precision="32-true",
                     strategy=strategy)
     fabric.launch()
-    net = fabric.to_device(module.ema_model if cfg.use_ema else module.model)
-    # the samples under the requested precision; bits/dim always in fp32 (a bound, not a look)
-    net, nll_net = (prepare(net, channels_last=cfg.channels_last, compile=cfg.compile,
-                            bf16=bf16) for bf16 in (str(cfg.precision) == "bf16-mixed", False))
+    raw = fabric.to_device(module.ema_model if cfg.use_ema else module.model)
+    bf16 = str(cfg.precision) == "bf16-mixed"
+    net = prepare(raw, channels_last=cfg.channels_last, compile=cfg.compile, bf16=bf16)
+    # bits/dim always in fp32 (a bound, not a look): a second wrapper only under bf16
+    nll_net = prepare(raw, channels_last=cfg.channels_last, compile=cfg.compile) if bf16 else net
     results = {"ckpt_path": str(cfg.ckpt_path), "global_step": ckpt.get("global_step"),
                "use_ema": cfg.use_ema, "sampler": settings.config(),
                "num_samples": cfg.num_samples}

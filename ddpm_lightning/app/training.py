@@ -119,8 +119,9 @@ def run(cfg: DictConfig, hc):
         runtime.fail_before_work(err, Path(hc.runtime.output_dir))
     if trainer.is_global_zero:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        if runtime.slurm_job_id() is not None:  # a requeued job finds its run by this
-            (run_dir / runtime.SLURM_MARK).write_text(runtime.slurm_job_id() + "\n")
+        job = runtime.slurm_job_id()
+        if job is not None:  # a requeued job finds its run by this
+            (run_dir / runtime.SLURM_MARK).write_text(job + "\n")
         if resume_ckpt is not None:
             record_resume(run_dir, resume_ckpt, runtime.to_container(cfg))
     env_before = dict(os.environ)

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from ddpm_lightning.core.generate import generate
 from ddpm_lightning.core.inference import eval_mode
 from ddpm_lightning.core.samplers import SamplerSettings
-from ddpm_lightning.training.distributed import on_rank_zero
+from ddpm_lightning.training.distributed import on_rank_zero, slurm_job_id
 
 
 def _log_image(trainer: L.Trainer, key: str, path: Path, step: int) -> None:
@@ -259,11 +259,9 @@ class Preemption(L.Callback):
     def requeue(self) -> None:
         """``scontrol requeue`` this SLURM job (nothing outside SLURM); a failure is reported
         in one line, and the checkpoint stays for a manual resume."""
-        import os
         import subprocess
 
-        array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-        job = f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+        job = slurm_job_id()
         if not job:
             return
         try:

@@ -1,7 +1,8 @@
 """Failures under DDP are collective: work that one rank does alone (writing a checkpoint, a
 sample grid, the FID) and checks that one rank can fail alone (a non-finite loss on its own
 batch) end every rank at once, instead of leaving the others waiting in a collective until the
-process-group timeout (30 minutes with NCCL). Plain ``torch.distributed``; no Lightning."""
+process-group timeout (30 minutes with NCCL). Plain ``torch.distributed``; Lightning only in
+the two adapters to its strategies (``collective_checkpoint_saves``, ``ddp``)."""
 
 from __future__ import annotations
 
@@ -45,20 +46,24 @@ def on_rank_zero(what: str, fn, *args, **kwargs):
     return result
 
 
-def min_over_ranks(value: torch.Tensor) -> torch.Tensor:
-    """The element-wise minimum of ``value`` over all ranks (``value`` itself alone)."""
+def over_ranks(value: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
+    """``value`` reduced element-wise with ``op`` (MIN, SUM, …) over all ranks (``value``
+    itself alone)."""
     if rank_and_world()[1] > 1:
         value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        dist.all_reduce(value, op=op)
     return value
 
 
-def sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
-    """The element-wise sum of ``value`` over all ranks (``value`` itself alone)."""
-    if rank_and_world()[1] > 1:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value
+def slurm_job_id() -> str | None:
+    """The id ``scontrol requeue`` takes for this SLURM job (``ARRAY_TASK`` for an array's
+    task), or None outside SLURM. A requeued job keeps it."""
+    import os
+
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    return os.environ.get("SLURM_JOB_ID") or None
 
 
 def collective_checkpoint_saves(strategy) -> None:

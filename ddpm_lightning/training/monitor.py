@@ -6,8 +6,9 @@ non-finite value seen on any rank, and the quarter losses describe every rank's 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
-from ddpm_lightning.training.distributed import min_over_ranks, sum_over_ranks
+from ddpm_lightning.training.distributed import over_ranks
 
 NO_STEP = 2**62  # "no non-finite value yet" in the all-ranks minimum of the first bad step
 
@@ -60,7 +61,7 @@ class StepMonitor:
                                                           device=device)
         first = torch.where(step >= 0, step, torch.full_like(step, NO_STEP))
         if collective:
-            first = min_over_ranks(first)
+            first = over_ranks(first, dist.ReduceOp.MIN)
         first = int(first)
         if first == NO_STEP:
             return
@@ -88,7 +89,7 @@ class StepMonitor:
             return {}
         both = torch.stack([w["q_sums"], w["q_mass"]])
         if collective:
-            both = sum_over_ranks(both)
+            both = over_ranks(both, dist.ReduceOp.SUM)
         sums, mass = both.tolist()
         w["q_sums"].zero_()
         w["q_mass"].zero_()
