@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from ddpm_lightning.tools.wandb_records import find_runs, read_run
@@ -29,7 +30,8 @@ def env(tmp_path, weights):
 def _eval_rows(run):
     rows = read_metrics(run)
     return {k: series(rows, k) for k in ("eval/fid", "eval/bpd", "eval/bpd_se", "eval/seconds",
-                                          "eval/vb_band0", "eval/vb_band4", "eval/vb_bpd")}
+                                          "eval/vb_band0", "eval/vb_band4", "eval/vb_bpd",
+                                          "eval/fid_se", "eval/kid", "eval/kid_std")}
 
 
 def _csv_run(tmp_path, env):
@@ -85,4 +87,16 @@ def test_eval_with_an_empty_torch_hub_cache_builds_the_weights(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "built the offline Inception weights" in proc.stdout + proc.stderr
     assert (home / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth").is_file()
-    assert [s for s, _ in series(read_metrics(run), "eval/fid")] == [2]
+    rows = read_metrics(run)
+    assert [s for s, _ in series(rows, "eval/fid")] == [2]
+    # FID's bootstrap error and KID with its spread, from the cached reference features
+    (_, se), (_, kid), (_, kid_std) = (series(rows, k)[0] for k in
+                                       ("eval/fid_se", "eval/kid", "eval/kid_std"))
+    assert se > 0 and kid_std > 0 and kid > 2 * kid_std  # an untrained model: far from data
+    with np.load(next((tmp_path / "stats").glob("*.npz"))) as f:
+        assert f["features"].shape == (16, 2048)
+    # each held-out image's bits/dim, kept for paired comparisons: their mean is eval/bpd
+    with np.load(run / "eval" / "bpd_step_0000002.npz") as f:
+        per_image, seed, strata = f["bpd"], int(f["seed"]), int(f["timesteps"])
+    assert per_image.shape == (10,) and (seed, strata) == (0, 5)
+    assert per_image.mean() == pytest.approx(series(rows, "eval/bpd")[0][1], rel=1e-9)

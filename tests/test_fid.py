@@ -343,38 +343,53 @@ def test_fid_callback_config_composes():
 
 
 DDP_SCRIPT = """
-import csv, sys
+import csv, json, sys
 from pathlib import Path
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger
 sys.path.insert(0, {tests!r})
 from test_fid import _tiny_module
 from ddpm_lightning.training.data import DiffusionDataModule
-from ddpm_lightning.training.evaluation import FIDCallback
+from ddpm_lightning.training.evaluation import EvalCallback
 
 out = Path({out!r})
-cb = FIDCallback(every_n_steps=2, num_samples=5, batch_size=4, sampler={{"name": "ddim", "steps": 3}},
-                 reference={{"max_images": 10, "cache_dir": str(out / "stats")}},
-                 weights_path={weights!r}, inception_batch_size=8)
+cb = EvalCallback(every_n_steps=2, num_samples=5, batch_size=4, sampler={{"name": "ddim", "steps": 3}},
+                  reference={{"split": "train", "max_images": 10, "cache_dir": str(out / "stats")}},
+                  weights_path={weights!r}, inception_batch_size=8, fid_bootstrap=10,
+                  kid_subsets=5, nll_images=10, nll_timesteps=4, nll_batch_size=3)
 trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2, limit_val_batches=0,
                     logger=CSVLogger(out, name="csv"), enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
+                    enable_progress_bar=False, enable_model_summary=False, callbacks=[cb],
+                    default_root_dir=str(out))
 trainer.fit(_tiny_module(), datamodule=DiffusionDataModule("embedded", image_size=16, batch_size=4))
-(out / f"fid_rank{{trainer.global_rank}}.txt").write_text(repr(cb.last_fid))
+scores = {{k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("eval/")}}
+(out / f"scores_rank{{trainer.global_rank}}.json").write_text(json.dumps(scores))
 """
 
 
 @pytest.mark.slow
 @needs_helper
 def test_fid_callback_under_ddp(weights, tmp_path):
-    """Two CPU ranks (gloo): both sample, moments are gathered, both get the same FID."""
+    """Two CPU ranks (gloo) with callbacks=eval: both sample, the features go to rank 0 (and
+    the reference's, with KID), both ranks get the same FID, FID error and KID; the per-image
+    bits/dim of both ranks' batches land in one file, in image order."""
     script = tmp_path / "ddp_fid.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT.format(
         tests=str(ROOT / "tests"), out=str(tmp_path), weights=str(weights))))
     proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True,
                           text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    values = [float((tmp_path / f"fid_rank{rank}.txt").read_text()) for rank in (0, 1)]
-    print(f"\nDDP FID (2 ranks, 5 samples): {values}")
-    assert values[0] == values[1] and math.isfinite(values[0]) and values[0] > 0
-    assert (tmp_path / "stats" / "embedded_train_16_s0v0.1_n10.npz").is_file()
+    import json
+
+    scores = [json.loads((tmp_path / f"scores_rank{rank}.json").read_text()) for rank in (0, 1)]
+    print(f"\nDDP eval (2 ranks, 5 samples): {scores[0]}")
+    timeless = [{k: v for k, v in s.items() if not k.endswith("seconds")} for s in scores]
+    assert timeless[0] == timeless[1]
+    for key in ("eval/fid", "eval/fid_se", "eval/kid", "eval/kid_std", "eval/bpd"):
+        assert math.isfinite(scores[0][key]) and scores[0][key] > 0, key
+    with np.load(tmp_path / "eval" / "bpd_step_0000002.npz") as f:
+        per_image = f["bpd"]
+    assert per_image.shape == (10,)
+    assert per_image.mean() == pytest.approx(scores[0]["eval/bpd"], rel=1e-6)  # float32
+    with np.load(tmp_path / "stats" / "embedded_train_16_s0v0.1_n10.npz") as f:
+        assert f["features"].shape == (10, 2048)

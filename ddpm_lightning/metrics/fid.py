@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddpm_lightning.core.files import atomic_write
 from ddpm_lightning.metrics.inception import build as build_weights
 from ddpm_lightning.metrics.inception import default_weights_path, load_extractor
 
@@ -233,33 +233,97 @@ def fid_from_stats(mu1, sigma1, mu2, sigma2) -> float:
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_sqrt)
 
 
+class FrechetToReference:
+    """FID of feature sets against one fixed reference (µ_r, Σ_r), fast enough to bootstrap.
+
+    Σ_r = R Rᵀ is factored once (on its numerical range). For features X [N, d] with centred
+    rows C, Σ_g = CᵀC / (N − 1), and the nonzero spectrum of Σ_g Σ_r is that of
+    (CR)(CR)ᵀ / (N − 1), or of (CR)ᵀ(CR) / (N − 1) when N > rank R. So tr (Σ_g Σ_r)^½ costs one
+    N×d×r product and one small eigendecomposition instead of two d×d ones; the value equals
+    ``fid_from_stats`` of the same statistics to round-off (a test checks it)."""
+
+    def __init__(self, mu, sigma):
+        self.mu = np.atleast_1d(np.asarray(mu, dtype=np.float64))
+        sigma = np.atleast_2d(np.asarray(sigma, dtype=np.float64))
+        d = self.mu.shape[0]
+        if sigma.shape != (d, d) or not (np.isfinite(self.mu).all() and np.isfinite(sigma).all()):
+            raise ValueError(f"reference statistics must be finite, mu [d] and sigma [d, d]; got "
+                             f"{self.mu.shape} and {sigma.shape}")
+        w, v = np.linalg.eigh((sigma + sigma.T) / 2)
+        keep = _above_roundoff(w)
+        self.factor = torch.from_numpy(v[:, keep] * np.sqrt(w[keep]))  # R: Σ_r = R Rᵀ
+        self.trace = float(np.trace(sigma))
+
+    def __call__(self, features) -> float:
+        x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+        n = len(x)
+        if x.ndim != 2 or x.shape[1] != len(self.mu) or n < 2:
+            raise ValueError(f"FID needs at least 2 feature vectors of size {len(self.mu)}, got "
+                             f"{tuple(x.shape)}")
+        mean = x.mean(0)
+        centred = x - mean
+        m = centred @ self.factor
+        gram = m @ m.T if n <= m.shape[1] else m.T @ m
+        lam = torch.linalg.eigvalsh(gram).numpy() / (n - 1)
+        tr_sqrt = np.sqrt(lam[_above_roundoff(lam)]).sum()
+        diff = mean.numpy() - self.mu
+        trace_g = float((centred * centred).sum()) / (n - 1)
+        return float(diff @ diff + trace_g + self.trace - 2.0 * tr_sqrt)
+
+    def bootstrap(self, features, replicates: int = 100, seed: int = 0,
+                  confidence: float = 0.95) -> dict:
+        """FID's sampling error at this N: the FID of ``replicates`` resamplings (with
+        replacement, from a generator of its own seeded by ``seed``) of the generated features,
+        the reference fixed. ``{"fid", "se", "low", "high", "replicates"}``: the FID of all
+        the features, the replicates' standard deviation, and the normal interval
+        fid ± z·se."""
+        from scipy.stats import norm
+
+        if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 2:
+            raise ValueError(f"FID bootstrap replicates={replicates!r} must be an integer >= 2")
+        x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+        value = self(x)
+        g = torch.Generator().manual_seed(seed)
+        reps = [self(x[torch.randint(len(x), (len(x),), generator=g)]) for _ in range(replicates)]
+        se = float(np.std(reps, ddof=1))
+        half = float(norm.ppf((1 + confidence) / 2)) * se
+        return {"fid": value, "se": se, "low": value - half, "high": value + half,
+                "replicates": replicates}
+
+
 # ------------------------------------------------------------------ statistics files
 
-def save_stats(path: str | os.PathLike, mu, sigma, **info) -> Path:
-    """Write (µ, Σ) and a JSON ``info`` record to ``path`` (.npz) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64),
-                     info=np.array(json.dumps(info, sort_keys=True)))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+def save_stats(path: str | os.PathLike, mu, sigma, features=None, **info) -> Path:
+    """Write (µ, Σ), optionally the features themselves [N, d] (float32: KID needs them), and a
+    JSON ``info`` record to ``path`` (.npz) atomically."""
+    arrays = {"mu": np.asarray(mu, np.float64), "sigma": np.asarray(sigma, np.float64),
+              "info": np.array(json.dumps(info, sort_keys=True))}
+    if features is not None:
+        arrays["features"] = np.asarray(torch.as_tensor(features).cpu(), np.float32)
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
+    return Path(path)
 
 
-def load_stats(path: str | os.PathLike, info: dict | None = None):
-    """(µ, Σ) from a ``.npz`` with ``mu`` and ``sigma`` (ours, or e.g. the TTUR/ADM files).
-    With ``info`` given, return None when the file's record differs (a stale cache)."""
+def load_stats(path: str | os.PathLike, info: dict | None = None, features: bool = False):
+    """(µ, Σ) from a ``.npz`` with ``mu`` and ``sigma`` (ours, or e.g. the TTUR/ADM files);
+    with ``features``, (µ, Σ, features) and None when the file holds no features. With
+    ``info`` given, return None when the file's record differs (a stale cache)."""
     with np.load(Path(path).expanduser()) as f:
         if info is not None:
             stored = json.loads(str(f["info"])) if "info" in f else None
             if stored != json.loads(json.dumps(info, sort_keys=True)):
                 return None
-        return f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+        stats = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+        if not features:
+            return stats
+        return (*stats, f["features"]) if "features" in f else None
+
+
+def stats_of_features(features) -> tuple[np.ndarray, np.ndarray]:
+    """(µ, Σ) of feature vectors [N, d], in float64 (as ``FeatureMoments``)."""
+    x = torch.as_tensor(features)
+    return FeatureMoments(x.shape[1], x.device).add(x).stats()
 
 
 def _as_stats(reference, **feature_kwargs) -> tuple[np.ndarray, np.ndarray]:

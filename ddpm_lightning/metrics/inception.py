@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from ddpm_lightning.core.files import atomic_write
+
 WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 FEATURE_EXTRACTOR = "inception-v3-compat"
 NUM_CONVS = 94
@@ -167,20 +169,8 @@ def build(out: str | os.PathLike | None = None, force: bool = False,
     if path.is_file() and not force and is_valid(path):
         return path, False
     state = convert(torchscript)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        torch.save(state, f)
     return path, True
 
 

@@ -76,10 +76,17 @@ def _dataset_moments(dataset, indices, batch_size, device, weights_path, downloa
     return moments
 
 
+def _dataset_features(dataset, indices, batch_size, device, weights_path, download):
+    """The Inception features [len(indices), 2048] of the images, in order."""
+    return torch.cat([fid.inception_features(batch, batch_size, device, weights_path, download)
+                      for batch in _dataset_batches(dataset, indices, batch_size)])
+
+
 def reference_stats(source, split: str = "train", max_images: int | None = None, *,
                     name: str | None = None, batch_size: int = 32, device=None,
                     weights_path=None, download: bool = False,
-                    cache: str | os.PathLike | None = None, recompute: bool = False):
+                    cache: str | os.PathLike | None = None, recompute: bool = False,
+                    features: bool = False):
     """(µ, Σ) of a dataset's Inception features, computed once and cached.
 
     ``source`` is a ``DiffusionDataModule`` (the cache key comes from its dataset name,
@@ -91,14 +98,22 @@ def reference_stats(source, split: str = "train", max_images: int | None = None,
     ``{cache or $DDPM_FID_CACHE}/{dataset}_{split}_{size}[_n{max_images}].npz``; it records a
     fingerprint of the images (``dataset_fingerprint``), and a file whose images have changed
     since is recomputed and overwritten.
+
+    With ``features``, returns (µ, Σ, features [N, 2048] float32), which KID needs; the file
+    then keeps the features too (a file written without them is recomputed once).
     """
     dataset, indices, key, info = _reference_set(source, split, max_images, name)
     path = None if key is None else Path(cache or cache_dir()).expanduser() / f"{key}.npz"
     if path is not None and path.is_file() and not recompute:
-        stats = load_stats(path, info)
+        stats = load_stats(path, info, features=features)
         if stats is not None:
             return stats
-    stats = _dataset_moments(dataset, indices, batch_size, device, weights_path, download).stats()
+    if features:
+        feats = _dataset_features(dataset, indices, batch_size, device, weights_path, download)
+        stats = (*fid.stats_of_features(feats), feats.cpu().numpy())
+    else:
+        stats = _dataset_moments(dataset, indices, batch_size, device, weights_path,
+                                 download).stats()
     if path is not None:
         save_stats(path, *stats, **info)
     return stats

@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from ddpm_lightning.app import CONF_DIR
+from ddpm_lightning.core.files import atomic_write
 from ddpm_lightning.tools.diffusers_unet import (
     check_diffusers_config,
     diffusers_key,
@@ -163,14 +164,8 @@ def write_checkpoint(our_state_dict: Mapping[str, torch.Tensor], path: str | os.
         "converted_from": source or "diffusers UNet2DModel weights",
     }
     path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_write(path) as f:
+        torch.save(checkpoint, f)
     return path
 
 

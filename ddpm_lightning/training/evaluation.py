@@ -10,37 +10,45 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddpm_lightning.core.files import atomic_write
 from ddpm_lightning.core.generate import SEED_STRIDE, batch_plan
 from ddpm_lightning.core.inference import eval_mode
 from ddpm_lightning.core.pixels import to_model_range
 from ddpm_lightning.metrics.fid import (
+    FEATURE_DIM,
     FeatureMoments,
-    fid_from_stats,
+    FrechetToReference,
     inception_features,
     load_stats,
     resolve_weights,
     save_stats,
+    stats_of_features,
 )
+from ddpm_lightning.metrics.kid import kid_from_features
 from ddpm_lightning.metrics.reference import (
+    _dataset_features,
     _dataset_moments,
     _reference_set,
     cache_dir,
 )
 from ddpm_lightning.training.callbacks import SamplingCallback
-from ddpm_lightning.training.distributed import on_rank_zero
+from ddpm_lightning.training.distributed import gather_to_rank_zero, on_rank_zero
 
 
 class FIDCallback(SamplingCallback):
     """FID of EMA samples against the training set, every ``every_n_steps`` optimizer steps
-    (and at the end of training), logged as ``val/fid`` (and ``val/fid_seconds``).
+    (and at the end of training), logged as ``val/fid`` (and ``val/fid_seconds``); with
+    ``fid_bootstrap`` its standard error ``val/fid_se``, and with ``kid`` the Kernel Inception
+    Distance ``val/kid`` ± ``val/kid_std``.
 
     Every rank samples its share of ``num_samples`` (batch k from the generator seeded by
     (seed, k), as in sample.py: the same x_T at every evaluation and in every job of a sweep,
     so FIDs differ by the model only, and equal sample.py's for the same settings) with
     ``pl_module.eval_model`` and computes its Inception feature moments; the moments are
-    all-gathered and merged, rank 0 computes the FID and broadcasts it, so every rank holds
-    the value (``trainer.callback_metrics["val/fid"]``, e.g. for a checkpoint monitor).
-    Sampling uses its own ``torch.Generator``: the training RNG is not advanced.
+    sent to rank 0, which computes the scores and broadcasts them, so every rank holds
+    them (``trainer.callback_metrics["val/fid"]``, e.g. for a checkpoint monitor).
+    Sampling, the bootstrap and KID's subsets use generators of their own, seeded by
+    ``seed``: the training RNG is not advanced.
 
     Args:
         every_n_steps: evaluate when ``global_step`` is a multiple of this.
@@ -56,6 +64,12 @@ class FIDCallback(SamplingCallback):
         on_train_end: also evaluate at the end of training.
         seed: base seed of the sampling noise.
         inception_batch_size: images per Inception forward pass.
+        fid_bootstrap: resamplings of the generated features (the reference fixed) whose FIDs'
+            standard deviation is logged as ``fid_se``, FID's sampling error at this N;
+            0 = none.
+        kid: also compute KID (``metrics.kid``), from the reference *features*, which the
+            reference cache then keeps; ``kid_subsets`` subsets of ``kid_subset_size`` images
+            (at most the number of samples and of reference images).
     """
 
     config_key = "callbacks.fid"  # names the settings in errors
@@ -69,13 +83,25 @@ class FIDCallback(SamplingCallback):
                  batch_size: int = 256, sampler: Mapping | None = None,
                  reference: Mapping | None = None, weights_path: str | None = None,
                  download: bool = False, on_train_end: bool = True, seed: int = 0,
-                 inception_batch_size: int = 64):
+                 inception_batch_size: int = 64, fid_bootstrap: int = 0, kid: bool = False,
+                 kid_subsets: int = 100, kid_subset_size: int = 1000):
         super().__init__(every_n_steps, on_train_end, key=f"{self.config_key}.every_n_steps",
                          sampler=sampler)
         for key, value in (("num_samples", num_samples), ("batch_size", batch_size),
-                           ("inception_batch_size", inception_batch_size)):
+                           ("inception_batch_size", inception_batch_size),
+                           ("kid_subsets", kid_subsets), ("kid_subset_size", kid_subset_size),
+                           ("fid_bootstrap", fid_bootstrap + 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{self.config_key}.{key}={value!r} must be a positive integer")
+                value = fid_bootstrap if key == "fid_bootstrap" else value
+                raise ValueError(f"{self.config_key}.{key}={value!r} must be a "
+                                 f"{'non-negative' if key == 'fid_bootstrap' else 'positive'} "
+                                 "integer")
+        if fid_bootstrap == 1:
+            raise ValueError(f"{self.config_key}.fid_bootstrap=1: use 0 (none) or at least 2")
+        if not isinstance(kid, bool):
+            raise ValueError(f"{self.config_key}.kid={kid!r} must be true or false")
+        if kid and kid_subset_size < 2:
+            raise ValueError(f"{self.config_key}.kid_subset_size={kid_subset_size} must be >= 2")
         if num_samples < 2:
             raise ValueError(f"{self.config_key}.num_samples={num_samples} must be >= 2")
         self.reference = dict(reference or {})
@@ -90,8 +116,11 @@ class FIDCallback(SamplingCallback):
         self.download = download
         self.seed = seed
         self.inception_batch_size = inception_batch_size
+        self.fid_bootstrap, self.kid = fid_bootstrap, kid
+        self.kid_subsets, self.kid_subset_size = kid_subsets, kid_subset_size
         self.last_fid: float | None = None
-        self._ref: tuple[np.ndarray, np.ndarray] | None = None
+        self._ref: tuple | None = None  # (µ, Σ, features or None), on rank 0
+        self._frechet: FrechetToReference | None = None
         self._ref_ready = False
 
     # ------------------------------------------------------------- hooks
@@ -107,6 +136,11 @@ class FIDCallback(SamplingCallback):
         if path:
             if not Path(path).expanduser().is_file():
                 raise FileNotFoundError(f"{self.config_key}.reference.path={path} not found")
+            if self.kid and load_stats(path, features=True) is None:
+                raise ValueError(f"{self.config_key}.kid=true needs the reference features, and "
+                                 f"{self.config_key}.reference.path={path} holds only mu and "
+                                 "sigma; drop reference.path (the cache keeps features) or set "
+                                 "kid=false")
         elif not isinstance(trainer.datamodule, DiffusionDataModule):
             raise ValueError(f"{self.config_key} needs trainer.fit(..., datamodule="
                              "DiffusionDataModule) for its reference images, or "
@@ -117,76 +151,130 @@ class FIDCallback(SamplingCallback):
 
     # ------------------------------------------------------------- work
     def evaluate(self, trainer, pl_module) -> float:
-        """Run one FID evaluation on every rank; returns the FID (on every rank)."""
+        """Run one evaluation on every rank; returns the FID (on every rank)."""
         start = time.perf_counter()
         # Whatever draws random numbers in here (data loaders, samplers), the training RNG
         # streams come out exactly as they went in.
         cuda = [pl_module.device] if pl_module.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
             reference = self._reference_stats(trainer, pl_module)
-            moments = _all_gather_moments(trainer, self._sample_moments(trainer, pl_module))
+            features = self._sample_features(trainer, pl_module)
         step = trainer.global_step
         # rank-0 work: a failure there raises on every rank (no rank left in a collective)
-        fid = on_rank_zero(f"the FID at step {step}",
-                           lambda: fid_from_stats(*moments.stats(), *reference))
-        fid = float(trainer.strategy.broadcast(fid, src=0))
-        seconds = time.perf_counter() - start
+        scores = on_rank_zero(f"the FID at step {step}", self.scores, features, reference)
+        scores = trainer.strategy.broadcast(scores, src=0)
+        fid = scores[f"{self.prefix}fid"]
+        scores[f"{self.prefix}fid_seconds"] = time.perf_counter() - start
 
         def log() -> None:
             for logger in trainer.loggers:
-                logger.log_metrics({f"{self.prefix}fid": fid,
-                                    f"{self.prefix}fid_seconds": seconds}, step=step)
-            print(f"FID at step {step}: {fid:.3f} ({self.num_samples} samples, {seconds:.0f} s)",
-                  flush=True)
+                logger.log_metrics(scores, step=step)
+            extra = "".join(f", {k.removeprefix(self.prefix)} {v:.4g}" for k, v in scores.items()
+                            if k.endswith(("_se", "kid", "kid_std")))
+            print(f"FID at step {step}: {fid:.3f}{extra} ({self.num_samples} samples, "
+                  f"{scores[f'{self.prefix}fid_seconds']:.0f} s)", flush=True)
 
         on_rank_zero(f"logging the FID at step {step}", log)
-        trainer.callback_metrics[f"{self.prefix}fid"] = torch.tensor(fid)
+        for key, value in scores.items():
+            trainer.callback_metrics[key] = torch.tensor(value)
         self.last_fid, self._last_step = fid, step
         return fid
 
-    def _sample_moments(self, trainer, pl_module) -> FeatureMoments:
-        """Moments of this rank's share of the samples: sample.py's samples for the same
-        seed, batch size and sampler, so the two FIDs agree."""
-        _, images = self.generate(pl_module, self.num_samples, self.batch_size, self.seed,
-                                  trainer.global_rank, trainer.world_size)
-        moments = FeatureMoments(device=pl_module.device)
+    def scores(self, features: torch.Tensor, reference: tuple) -> dict:
+        """FID, and as configured its bootstrap standard error and KID, of the generated
+        ``features`` [N, 2048] against ``reference`` (µ, Σ, features or None)."""
+        if self._frechet is None:  # the reference's factor, once per run
+            self._frechet = FrechetToReference(*reference[:2])
+        p = self.prefix
+        if self.fid_bootstrap:
+            boot = self._frechet.bootstrap(features, self.fid_bootstrap, seed=self.seed)
+            out = {f"{p}fid": boot["fid"], f"{p}fid_se": boot["se"]}
+        else:
+            out = {f"{p}fid": self._frechet(features)}
+        if self.kid:
+            ref_features = reference[2]
+            size = min(self.kid_subset_size, len(features), len(ref_features))
+            kid = kid_from_features(features, ref_features, self.kid_subsets, size, self.seed)
+            out.update({f"{p}kid": kid["kid"], f"{p}kid_std": kid["kid_std"]})
+        return out
+
+    def _sample_features(self, trainer, pl_module) -> torch.Tensor | None:
+        """The Inception features [N, 2048] of the samples, in sample order, on rank 0 (None
+        elsewhere): sample.py's samples for the same seed, batch size and sampler, so the two
+        FIDs agree. Each rank embeds its own share; the features travel, not the images."""
+        indices, images = self.generate(pl_module, self.num_samples, self.batch_size, self.seed,
+                                        trainer.global_rank, trainer.world_size)
+        device = pl_module.device
         if images.shape[0]:
-            moments.add(inception_features(images, self.inception_batch_size, pl_module.device,
-                                           self.weights_path, self.download))
-        return moments
+            features = inception_features(images, self.inception_batch_size, device,
+                                          self.weights_path, self.download)
+        else:
+            features = torch.zeros(0, FEATURE_DIM, device=device)
+        indices = torch.as_tensor(indices, dtype=torch.long, device=device)
+        return _in_order(*gather_to_rank_zero(indices, features, device))
 
     def _reference_stats(self, trainer, pl_module):
-        """(µ, Σ) of the reference on rank 0 (None elsewhere). A cache miss is computed by all
-        ranks together, each on every world_size-th image, and cached by rank 0."""
+        """(µ, Σ, features or None) of the reference on rank 0 (None elsewhere); the features
+        only with ``kid``. A cache miss is computed by all ranks together, each on every
+        world_size-th image, and cached by rank 0."""
         if self._ref_ready:
             return self._ref
-        ref, stats = self.reference, None
+        ref, kid = self.reference, self.kid
+
+        def complete(stats):
+            return None if stats is None else (*stats[:2], stats[2] if kid else None)
+
         if ref.get("path"):
-            stats = on_rank_zero("reading the FID reference", load_stats, ref["path"])
+            stats = on_rank_zero("reading the FID reference",
+                                 lambda: complete(load_stats(ref["path"], features=kid)))
         else:
             dataset, indices, key, info = _reference_set(
                 trainer.datamodule, ref["split"], ref.get("max_images"), None,
                 fingerprint=trainer.is_global_zero)
             path = Path(ref.get("cache_dir") or cache_dir()).expanduser() / f"{key}.npz"
-            stats = on_rank_zero(f"reading the FID reference {path}",
-                                 lambda: load_stats(path, info) if path.is_file() else None)
+            stats = on_rank_zero(
+                f"reading the FID reference {path}",
+                lambda: complete(load_stats(path, info, features=kid)) if path.is_file() else None)
             if not trainer.strategy.broadcast(stats is not None, src=0):
-                rank, world = trainer.global_rank, trainer.world_size
-                moments = _dataset_moments(dataset, indices[rank::world],
-                                           self.inception_batch_size, pl_module.device,
-                                           self.weights_path, self.download)
-                moments = _all_gather_moments(trainer, moments)
-
-                def cache():
-                    stats = moments.stats()
-                    save_stats(path, *stats, **info)
-                    print(f"FID reference statistics ({len(indices)} images) cached in {path}",
-                          flush=True)
-                    return stats
-
-                stats = on_rank_zero(f"caching the FID reference in {path}", cache)
+                stats = self._compute_reference(trainer, pl_module, dataset, indices, path, info)
         self._ref, self._ref_ready = stats, True
         return stats
+
+    def _compute_reference(self, trainer, pl_module, dataset, indices, path, info):
+        """The reference's statistics (and features, with ``kid``) from its images, split over
+        the ranks; rank 0 caches and returns them (None on the other ranks)."""
+        rank, world, device = trainer.global_rank, trainer.world_size, pl_module.device
+        share = indices[rank::world]
+        args = (self.inception_batch_size, device, self.weights_path, self.download)
+        if self.kid:  # the features themselves travel to rank 0
+            features = (_dataset_features(dataset, share, *args) if share
+                        else torch.zeros(0, FEATURE_DIM, device=device))
+            order = torch.as_tensor(share, dtype=torch.long, device=device)
+            features = _in_order(*gather_to_rank_zero(order, features, device))
+            moments = None
+        else:
+            features, moments = None, _all_gather_moments(trainer, _dataset_moments(
+                dataset, share, *args))
+
+        def cache():
+            if features is None:
+                stats = (*moments.stats(), None)
+                save_stats(path, *stats[:2], **info)
+            else:
+                stats = (*stats_of_features(features), features.numpy())
+                save_stats(path, *stats, **info)
+            print(f"FID reference statistics ({len(indices)} images) cached in {path}",
+                  flush=True)
+            return stats
+
+        return on_rank_zero(f"caching the FID reference in {path}", cache)
+
+
+def _in_order(indices: torch.Tensor | None, rows: torch.Tensor | None, dtype=torch.float32):
+    """Gathered rows sorted by their indices, on the CPU (None off rank 0)."""
+    if indices is None:
+        return None
+    return rows[torch.argsort(indices)].to("cpu", dtype)
 
 
 def _all_gather_moments(trainer, moments: FeatureMoments) -> FeatureMoments:
@@ -211,27 +299,31 @@ class EvalCallback(FIDCallback):
     EMA weights, it logs:
 
     * ``eval/fid`` (and ``eval/fid_seconds``): FID of ``num_samples`` samples, sample i from the
-      same x_T in every job and at every evaluation (``FIDCallback``);
+      same x_T in every job and at every evaluation (``FIDCallback``), with ``eval/fid_se``,
+      its bootstrap standard error at this N;
+    * ``eval/kid`` and ``eval/kid_std``: KID, unbiased at small N, and its spread over subsets;
     * ``eval/bpd`` (and ``eval/bpd_se``, ``eval/prior_bpd``, ``eval/vb_bpd``,
       ``eval/decoder_bpd``, ``eval/nll_seconds``): the stratified unbiased estimate of the
       bound (``likelihood.bits_per_dim_estimate``) on the first ``nll_images`` held-out
       images, with ``nll_timesteps`` strata, the t and ε of image i fixed by ``seed`` (common
       random numbers: evaluations differ by the model only); ``eval/bpd_se`` is its standard
-      error over the images;
+      error over the images; each image's value is kept in ``RUN/eval/bpd_step_*.npz``, so that
+      jobs compare image by image (paired);
     * ``eval/vb_band{k}``: stratum k's share of the bound, so that schedules compare where
       they differ in t;
     * ``eval/seconds``, the whole evaluation.
 
     Under W&B it declares the ``eval/*`` keys against ``trainer/global_step``, keeps the best
-    (lowest) ``eval/fid`` and ``eval/bpd`` in the run summary, and ``eval/best_fid_step``."""
+    (lowest) ``eval/fid``, ``eval/kid`` and ``eval/bpd`` in the run summary, and ``eval/best_fid_step``."""
 
     config_key = "callbacks.eval"
     prefix = "eval/"
 
     def __init__(self, every_n_steps: int = 1000, num_samples: int = 1000,
                  nll_images: int = 256, nll_timesteps: int = 32, nll_batch_size: int = 128,
-                 **fid_kwargs):
-        super().__init__(every_n_steps=every_n_steps, num_samples=num_samples, **fid_kwargs)
+                 fid_bootstrap: int = 100, kid: bool = True, **fid_kwargs):
+        super().__init__(every_n_steps=every_n_steps, num_samples=num_samples,
+                         fid_bootstrap=fid_bootstrap, kid=kid, **fid_kwargs)
         for key, value in (("nll_images", nll_images), ("nll_timesteps", nll_timesteps),
                            ("nll_batch_size", nll_batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -258,6 +350,7 @@ class EvalCallback(FIDCallback):
                 exp.define_metric("eval/*", step_metric="trainer/global_step")
                 exp.define_metric("eval/fid", summary="min")
                 exp.define_metric("eval/bpd", summary="min")
+                exp.define_metric("eval/kid", summary="min")
 
     def run(self, trainer, pl_module) -> dict:
         start = time.perf_counter()
@@ -270,8 +363,11 @@ class EvalCallback(FIDCallback):
         if self.best is None or fid < self.best[0]:
             self.best = (fid, step)
         trainer.callback_metrics["eval/best_fid"] = torch.tensor(self.best[0])
+        for key, value in metrics.items():  # e.g. optimized_metric=eval/bpd
+            trainer.callback_metrics[key] = torch.tensor(value)
 
         def log() -> None:
+            self.save_per_image(trainer, step)
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
             for exp in _wandb_runs(trainer):
@@ -281,6 +377,16 @@ class EvalCallback(FIDCallback):
 
         on_rank_zero(f"logging the evaluation at step {step}", log)
         return {"eval/fid": fid, **metrics}
+
+    def save_per_image(self, trainer, step: int) -> Path:
+        """``RUN/eval/bpd_step_XXXXXXX.npz``: the bits/dim of each held-out image (``bpd``,
+        held-out image i at row i) and what fixes its t and ε (``seed``, ``timesteps``), so
+        that ``compare`` can pair two jobs image by image."""
+        path = Path(trainer.default_root_dir) / "eval" / f"bpd_step_{step:07d}.npz"
+        with atomic_write(path) as f:
+            np.savez(f, bpd=self.last_bpd_per_image.numpy(), seed=self.seed,
+                     timesteps=self.nll_timesteps)
+        return path
 
     def evaluate_nll(self, trainer, pl_module) -> dict:
         """The bits/dim estimate over all ranks (batch k of the subset on rank k mod W)."""
@@ -292,6 +398,7 @@ class EvalCallback(FIDCallback):
         device = pl_module.device
         sums = torch.zeros(4 + self.nll_timesteps, dtype=torch.float64)  # Σ total, Σ total², …
         count = torch.zeros((), dtype=torch.float64)
+        per_image, image_ids = [], []
         plan = batch_plan(n, self.nll_batch_size, trainer.global_rank, trainer.world_size)
         with eval_mode(pl_module.eval_model) as net:
             for k, lo, size in plan:
@@ -302,6 +409,13 @@ class EvalCallback(FIDCallback):
                                      out["decoder"]], dim=1)
                 sums += torch.cat([parts, out["bands"]], dim=1).double().sum(0).cpu()
                 count += size
+                per_image.append(out["total"].double())
+                image_ids.append(torch.arange(lo, lo + size, device=device))
+        ids = torch.cat(image_ids) if image_ids else torch.zeros(0, dtype=torch.long, device=device)
+        totals = (torch.cat(per_image) if per_image
+                  else torch.zeros(0, dtype=torch.float64, device=device))
+        self.last_bpd_per_image = _in_order(*gather_to_rank_zero(ids, totals, device),
+                                            dtype=torch.float64)
         if trainer.world_size > 1:
             sums = trainer.strategy.reduce(sums.to(device), reduce_op="sum").cpu()
             count = trainer.strategy.reduce(count.to(device), reduce_op="sum").cpu()
