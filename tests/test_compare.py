@@ -116,4 +116,114 @@ def test_groups_are_settings_over_their_seeds(tmp_path):
         assert g["metrics"]["final_loss"]["low"] < g["metrics"]["final_loss"]["mean"]
     assert got[2]["metrics"]["final_loss"]["low"] is None
     report = (sweep / "compare" / "report.md").read_text()
-    assert "| schedule=sigmoid | 1 (0) | – | – | 0.7000 (1 seed: no interval) |" in report
+    assert "| schedule=sigmoid | 1 (0) | – | – | – | – | 0.7000 (1 seed: no interval) |" in report
+
+
+def _eval_job(sweep, name, overrides, fid, kid, per_image, step=10):
+    """A job with one evaluation at ``step``: FID ± 1, KID ± 0.001, and each held-out image's
+    bits/dim (their mean is eval/bpd)."""
+    import numpy as np
+
+    _job(sweep, name, overrides, [0.5])
+    bpd = np.asarray(per_image, dtype=np.float64)
+    se = bpd.std(ddof=1) / len(bpd) ** 0.5
+    (sweep / name / "csv" / "metrics.csv").write_text(
+        "step,train/loss,eval/fid,eval/fid_se,eval/kid,eval/kid_std,eval/bpd,eval/bpd_se\n"
+        f"{step},0.5,{fid},1.0,{kid},0.001,{bpd.mean()},{se}\n")
+    (sweep / name / "config.yaml").write_text(
+        "schedule: {name: linear, T: 10, _target_: ddpm_lightning.core.schedules."
+        "make_beta_schedule}\ncallbacks: {eval: {num_samples: 200, nll_images: "
+        f"{len(bpd)}}}}}\n")
+    (sweep / name / "eval").mkdir()
+    np.savez(sweep / name / "eval" / f"bpd_step_{step:07d}.npz", bpd=bpd, seed=0, timesteps=16)
+
+
+def _correlated_images(n=400, shift=0.01, seed=0):
+    """Per-image bits/dim of two settings on the same images: a large image effect shared by
+    both (sd 0.5), a small independent part each (sd 0.02), and B higher by ``shift``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    image = rng.normal(3.0, 0.5, n)
+    return image + rng.normal(0, 0.02, n), image + shift + rng.normal(0, 0.02, n)
+
+
+def test_paired_differences_are_narrower_on_correlated_data_and_equal_on_independent():
+    """§6: the paired standard error is far smaller than the unpaired one when the two settings'
+    values share the image, and the same (to sampling error) when they are independent."""
+    import numpy as np
+
+    from ddpm_lightning.metrics.intervals import paired_difference
+
+    def unpaired_se(a, b):
+        return (np.var(a, ddof=1) / len(a) + np.var(b, ddof=1) / len(b)) ** 0.5
+
+    a, b = _correlated_images(n=2000)
+    paired = paired_difference(a, b)
+    assert paired["sd"] / len(a) ** 0.5 < unpaired_se(a, b) / 10
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(3.0, 0.5, 2000), rng.normal(3.0, 0.5, 2000)
+    paired = paired_difference(a, b)
+    assert paired["sd"] / len(a) ** 0.5 == pytest.approx(unpaired_se(a, b), rel=0.1)
+
+
+def test_pairs_of_one_seed_resolve_bits_per_dim_by_pairing_images(tmp_path):
+    """One seed each: a bits/dim shift of 0.01 under an image spread of 0.5 is resolved by the
+    pairing over images (an unpaired comparison, the mutant, cannot see it); FID 2 apart with
+    bootstrap errors of 1 is not, and the verdict says how many samples would resolve it."""
+    import json
+
+    sweep = tmp_path / "sweep"
+    a, b = _correlated_images()
+    _eval_job(sweep, "0", ["schedule=cosine"], fid=50.0, kid=0.020, per_image=a)
+    _eval_job(sweep, "1", ["schedule=linear"], fid=52.0, kid=0.030, per_image=b)
+    compare.main([str(sweep), "--baseline", "schedule=linear"])
+    got = {p["metric"]: p for p in json.loads((sweep / "compare" / "summary.json").read_text())
+           ["pairs"]}
+    bpd, fid, kid = got["bpd"], got["fid"], got["kid"]
+    assert (bpd["a"], bpd["b"], bpd["over"], bpd["n"]) == (
+        "schedule=cosine", "schedule=linear", "images (paired)", 400)
+    assert bpd["difference"] == pytest.approx(a.mean() - b.mean())
+    assert bpd["verdict"] == "lower" and bpd["high"] < 0 and bpd["to_resolve"] is None
+    # FID: −2 ± 1.96·√2 includes 0; √2·1.96/2 = 1.386, so 200 × 1.386² ≈ 385 samples would do
+    assert fid["over"] == "bootstrap" and fid["difference"] == pytest.approx(-2.0)
+    assert fid["verdict"] == "no difference resolved at this N and seed count"
+    assert fid["to_resolve"].startswith("about 385 samples")
+    assert kid["verdict"] == "lower"  # −0.01 with an error of 0.0014
+    report = (sweep / "compare" / "report.md").read_text()
+    assert "Differences against schedule=linear" in report and "| schedule=cosine − " in report
+    with pytest.raises(SystemExit):
+        compare.main([str(sweep), "--baseline", "schedule=quadratic"])
+
+
+def test_pairs_over_seeds(tmp_path):
+    """2 settings × 3 seeds: the difference is paired by seed, with a Student-t interval over
+    the three per-seed differences, and unresolved ones say how many seeds would do."""
+    import json
+
+    import numpy as np
+
+    from ddpm_lightning.metrics.intervals import paired_difference
+
+    sweep = tmp_path / "sweep"
+    fids = {("linear", 0): 40.0, ("linear", 1): 44.0, ("linear", 2): 42.0,
+            ("cosine", 0): 39.0, ("cosine", 1): 41.0, ("cosine", 2): 43.5}
+    for i, ((schedule, seed), fid) in enumerate(fids.items()):
+        a, _ = _correlated_images(seed=seed)
+        _eval_job(sweep, str(i), [f"schedule={schedule}", f"seed={seed}"], fid=fid, kid=0.02,
+                  per_image=a + (0.1 if schedule == "linear" else 0.0))
+    compare.main([str(sweep)])
+    summary = json.loads((sweep / "compare" / "summary.json").read_text())
+    got = {p["metric"]: p for p in summary["pairs"]}
+    want = paired_difference([39.0, 41.0, 43.5], [40.0, 44.0, 42.0])
+    fid = got["fid"]
+    assert (fid["a"], fid["b"], fid["over"], fid["n"]) == (
+        "schedule=cosine", "schedule=linear", "seeds", 3)
+    assert (fid["difference"], fid["low"], fid["high"]) == pytest.approx(
+        (want["mean"], want["low"], want["high"]))
+    assert fid["verdict"].startswith("no difference") and "seeds" in fid["to_resolve"]
+    assert got["bpd"]["verdict"] == "lower" and got["bpd"]["difference"] == pytest.approx(-0.1)
+    assert got["kid"]["difference"] == 0.0
+    groups = {g["name"]: g for g in summary["groups"]}
+    assert groups["schedule=cosine"]["metrics"]["final_fid"]["n"] == 3
+    assert np.isclose(groups["schedule=linear"]["metrics"]["final_fid"]["mean"], 42.0)

@@ -1,5 +1,7 @@
-"""Confidence intervals for comparisons across seeds (no Lightning): the mean of a metric over
-the seeds of one setting, with its Student-t interval."""
+"""Confidence intervals for comparisons (no Lightning): the mean of a metric over the seeds of
+one setting with its Student-t interval, paired differences between two settings (over seeds,
+or over images with the same t and ε), a verdict, and how many seeds, images or samples would
+resolve a difference that the interval does not."""
 
 from __future__ import annotations
 
@@ -25,3 +27,71 @@ def t_interval(values: Sequence[float], confidence: float = 0.95) -> dict:
     sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
     half = float(student_t.ppf((1 + confidence) / 2, n - 1)) * sd / math.sqrt(n)
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+
+
+def normal_interval(value: float, se: float, confidence: float = 0.95) -> dict:
+    """``{"mean", "low", "high", "se"}``: value ± z_{(1+c)/2} · se (a bootstrap's or a
+    subset spread's standard error, where there are no replicates to take a t from)."""
+    from scipy.stats import norm
+
+    half = float(norm.ppf((1 + confidence) / 2)) * float(se)
+    return {"mean": float(value), "low": value - half, "high": value + half, "se": float(se)}
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict:
+    """The mean of the differences a_i − b_i of paired values (the same image, or the same
+    seed, in two settings) with its Student-t interval, and their standard deviation ``sd``.
+    Pairing removes what a_i and b_i share: with positively correlated pairs the interval is
+    far narrower than that of the difference of two unpaired means."""
+    if len(a) != len(b):
+        raise ValueError(f"paired values must come in equal numbers, got {len(a)} and {len(b)}")
+    diffs = [float(x) - float(y) for x, y in zip(a, b)]
+    out = t_interval(diffs, confidence)
+    n = out["n"]
+    out["sd"] = math.sqrt(sum((d - out["mean"]) ** 2 for d in diffs) / (n - 1)) if n > 1 else None
+    return out
+
+
+UNRESOLVED = "no difference resolved at this N and seed count"
+
+
+def verdict(interval: dict) -> str:
+    """"lower" or "higher" when the interval of a difference excludes 0, else ``UNRESOLVED``."""
+    if interval.get("low") is None:
+        return UNRESOLVED
+    if interval["high"] < 0:
+        return "lower"
+    if interval["low"] > 0:
+        return "higher"
+    return UNRESOLVED
+
+
+def replicates_to_resolve(sd: float, difference: float, confidence: float = 0.95,
+                          limit: int = 100_000) -> int | None:
+    """The smallest number n of paired replicates (seeds, or images) whose Student-t interval,
+    t_{(1+c)/2, n−1} · sd / √n, would exclude 0 if the mean difference and the spread stayed
+    as measured; None when the difference is 0 or more than ``limit`` would be needed."""
+    from scipy.stats import t as student_t
+
+    if not difference or not math.isfinite(sd):
+        return None
+    q = (1 + confidence) / 2
+    n = 2
+    while n <= limit:
+        if float(student_t.ppf(q, n - 1)) * sd / math.sqrt(n) < abs(difference):
+            return n
+        n = n + 1 if n < 100 else int(n * 1.05) + 1
+    return None
+
+
+def samples_to_resolve(se: float, n: int, difference: float, confidence: float = 0.95,
+                       limit: int = 10_000_000) -> int | None:
+    """For a standard error ``se`` measured at ``n`` samples and shrinking as 1/√n (a bootstrap,
+    or a subset spread): the n at which z · se(n) < |difference|; None when the difference is
+    0 or more than ``limit`` would be needed."""
+    from scipy.stats import norm
+
+    if not difference or not se or not math.isfinite(se):
+        return None
+    need = math.ceil(n * (float(norm.ppf((1 + confidence) / 2)) * se / abs(difference)) ** 2)
+    return need if need <= limit else None

@@ -1,18 +1,27 @@
-"""One report for the jobs of a sweep, side by side.
+"""One report for the jobs of a sweep, side by side, with intervals and verdicts.
 
     python -m ddpm_lightning.tools.compare SWEEP_DIR [--out SWEEP_DIR/compare]
+                                           [--baseline KEY=VALUE[,KEY=VALUE]]
 
 It reads every job folder of a Hydra sweep (``SWEEP_DIR/0``, ``1``, …: the ones holding a
 ``config.yaml``), from its CSV log (``RUN/csv``, which every run writes whatever its logger;
-runs made before that are read from their W&B offline files), and writes into ``--out``:
+runs made before that are read from their W&B offline files) and its per-image bits/dim
+(``RUN/eval/bpd_step_*.npz``), and writes into ``--out``:
 
-  report.md         a summary table per job (best FID, its step, final bits/dim ± its
-                    standard error, final loss), a table per setting over its seeds (the jobs
-                    grouped by every varying key except ``seed``: the mean and its 95%
-                    Student-t interval; a setting with one seed has none), and the figures;
+  report.md         a table per job (best FID, its step, final bits/dim ± its standard error,
+                    final loss); a table per setting over its seeds (the jobs grouped by every
+                    varying key except ``seed``: the mean and its 95% Student-t interval of the
+                    best and final FID, final KID, bits/dim and loss; one seed, no interval);
+                    the differences between settings (every pair, or each against
+                    ``--baseline``) with 95% intervals and a verdict (``tools.pairs``); the
+                    figures;
   summary.json      ``groups``: each setting's overrides, seeds, jobs, and per metric its
-                    ``mean``, ``low``, ``high`` (null with one seed) and ``n``;
-  fid.png, bpd.png  eval/fid (or val/fid) and eval/bpd against the step, one line per job;
+                    ``mean``, ``low``, ``high`` (null with one seed) and ``n``; ``pairs``: per
+                    pair and metric the ``difference``, ``low``, ``high``, ``n``, what it is
+                    ``over``, the ``verdict`` and, unresolved, what would resolve it;
+  fid.png, kid.png, bpd.png
+                    the metric against the step, one line per setting (the mean over its
+                    seeds) with its 95% band;
   bands.png         the bound per t-band (``eval/vb_band*``) at the last evaluation, and the
                     training loss per quarter of t (``train/loss_q*``), one line per job;
   schedules.png     each job's ᾱ_t and log-SNR(t), overlaid;
@@ -33,6 +42,8 @@ from pathlib import Path
 import numpy as np
 
 from ddpm_lightning.metrics.intervals import t_interval
+from ddpm_lightning.tools.compare_plots import band_series, plot_bands, plot_schedules, plot_t_bands
+from ddpm_lightning.tools.pairs import find_baseline, pairs, per_image_bpd
 from ddpm_lightning.tools.report import side_by_side
 
 
@@ -68,7 +79,7 @@ def labels(jobs: list[Path]) -> dict[Path, str]:
             for job, diff in varying(jobs).items()}
 
 
-GROUP_METRICS = ("best_fid", "final_bpd", "final_loss")
+GROUP_METRICS = ("best_fid", "final_fid", "final_kid", "final_bpd", "final_loss")
 
 
 def groups(jobs: list[Path], summaries: dict[Path, dict]) -> list[dict]:
@@ -130,139 +141,110 @@ def history(job: Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-def _figure(ncols: int, size):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, ncols, figsize=size)
-    return fig, list(np.atleast_1d(axes))
-
-
-def _save(fig, axes, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    for ax in axes:
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _plot_lines(series: dict[str, list], path: Path, ylabel: str, title: str) -> bool:
-    if not any(series.values()):
-        return False
-    fig, (ax,) = _figure(1, (6.5, 4))
-    for name, points in series.items():
-        if points:
-            ax.plot(*zip(*points), marker="o", label=name)
-    ax.set(xlabel="step", ylabel=ylabel)
-    ax.set_title(title, fontsize=9)
-    _save(fig, [ax], path)
-    return True
-
-
-def _plot_bands(hist: dict, names: dict, path: Path) -> bool:
-    from matplotlib.ticker import MaxNLocator
-
-    fig, axes = _figure(2, (10, 3.8))
-    drawn = False
-    for job, name in names.items():
-        h = hist[job]
-        bands = sorted((int(k.removeprefix("eval/vb_band")), v[-1][1]) for k, v in h.items()
-                       if k.startswith("eval/vb_band") and v)
-        if bands:
-            axes[0].plot(*zip(*bands), marker="o", label=name)
-            drawn = True
-        quarters = sorted((int(k.removeprefix("train/loss_q")), v[-1][1]) for k, v in h.items()
-                          if k.startswith("train/loss_q") and v)
-        if quarters:
-            axes[1].plot(*zip(*quarters), marker="o", label=name)
-            drawn = True
-    axes[0].set(xlabel="t-band (strata of t, increasing)", ylabel="bits/dim in the band",
-                title="the bound per t-band, last evaluation")
-    axes[0].set_yscale("log")
-    axes[1].set(xlabel="quarter of t (0: t < T/4)", ylabel="loss",
-                title="training loss per quarter of t, last window")
-    for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    _save(fig, axes, path)
-    return drawn
-
-
-def _plot_schedules(jobs: dict[Path, str], path: Path) -> None:
-    from omegaconf import OmegaConf
-
-    from ddpm_lightning.core.schedules import make_beta_schedule
-
-    fig, axes = _figure(2, (10, 3.8))
-    for job, name in jobs.items():
-        schedule = OmegaConf.to_container(OmegaConf.load(job / "config.yaml").schedule)
-        schedule.pop("_target_", None)
-        betas = np.asarray(make_beta_schedule(**schedule), dtype=np.float64)
-        abar = np.cumprod(1 - betas)
-        axes[0].plot(abar, label=name)
-        axes[1].plot(np.log(abar / (1 - abar)), label=name)
-    axes[0].set(xlabel="t", ylabel="ᾱ_t", title="ᾱ_t")
-    axes[1].set(xlabel="t", ylabel="log SNR", title="log-SNR(t) = log ᾱ_t / (1 − ᾱ_t)")
-    _save(fig, axes, path)
-
-
 def _fmt(value, digits=2) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) \
         else f"{value:.{digits}f}"
 
 
-def summary(hist: dict[str, list]) -> dict:
+def _last(hist: dict, *keys: str) -> tuple[int | None, float | None]:
+    for key in keys:
+        if hist.get(key):
+            return hist[key][-1]
+    return None, None
+
+
+def summary(hist: dict[str, list], job: Path | None = None) -> dict:
+    """A job's figures: the best FID and its step, the last evaluation's FID, KID and bits/dim
+    with their errors, the final loss (mean of the last 50 logged steps); with ``job``, also
+    the evaluation sizes from its config and each held-out image's bits/dim at the last
+    evaluation (for paired differences)."""
     fid = hist.get("eval/fid") or hist.get("val/fid") or []
     best = min(fid, key=lambda sv: sv[1]) if fid else (None, None)
-    bpd, se = hist.get("eval/bpd") or [], hist.get("eval/bpd_se") or []
     loss = hist.get("train/loss") or []
-    return {"best_fid": best[1], "best_fid_step": best[0],
-            "final_bpd": bpd[-1][1] if bpd else None, "final_bpd_se": se[-1][1] if se else None,
-            "final_loss": float(np.mean([v for _, v in loss[-50:]])) if loss else None,
-            "last_step": max((s for v in hist.values() for s, _ in v), default=None)}
+    bpd_step, bpd = _last(hist, "eval/bpd")
+    out = {"best_fid": best[1], "best_fid_step": best[0],
+           "final_fid": _last(hist, "eval/fid", "val/fid")[1],
+           "final_fid_se": _last(hist, "eval/fid_se", "val/fid_se")[1],
+           "final_kid": _last(hist, "eval/kid", "val/kid")[1],
+           "final_kid_std": _last(hist, "eval/kid_std", "val/kid_std")[1],
+           "final_bpd": bpd, "final_bpd_se": _last(hist, "eval/bpd_se")[1],
+           "final_loss": float(np.mean([v for _, v in loss[-50:]])) if loss else None,
+           "last_step": max((s for v in hist.values() for s, _ in v), default=None)}
+    if job is not None:
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.load(job / "config.yaml")
+        for name in ("num_samples", "nll_images"):
+            out[name] = (OmegaConf.select(cfg, f"callbacks.eval.{name}")
+                         or OmegaConf.select(cfg, f"callbacks.fid.{name}"))
+        out["per_image"] = per_image_bpd(job, bpd_step)
+    return out
 
 
-def run(sweep: Path, out: Path) -> Path:
+def _pair_row(p: dict) -> str:
+    digits = 4 if p["metric"] == "bpd" else (5 if p["metric"] == "kid" else 2)
+    iv = "–" if p["low"] is None else f"[{p['low']:+.{digits}f}, {p['high']:+.{digits}f}]"
+    said = p["verdict"] if p["to_resolve"] is None else f"{p['verdict']}; {p['to_resolve']}"
+    return (f"| {p['a']} − {p['b']} | {p['metric']} | {p['difference']:+.{digits}f} {iv} | "
+            f"{p['over']}, n = {p['n']} | {said} |")
+
+
+def run(sweep: Path, out: Path, baseline: str | None = None) -> Path:
     jobs = job_dirs(sweep)
     names = labels(jobs)
     hist = {job: history(job) for job in jobs}
+    summaries = {job: summary(hist[job], job) for job in jobs}
+    grouped = groups(jobs, summaries)
+    base = find_baseline(grouped, baseline) if baseline else None
+    differences = pairs(grouped, {j.name: summaries[j] for j in jobs}, base)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Sweep {sweep}", "", f"{len(jobs)} jobs; each named by what differs.", "",
              "| job | best FID | at step | final bits/dim | final loss (last 50 steps) |",
              "|---|---|---|---|---|"]
     for job in jobs:
-        s = summary(hist[job])
+        s = summaries[job]
         bpd = _fmt(s["final_bpd"], 4) + ("" if s["final_bpd_se"] is None
                                          else f" ± {s['final_bpd_se']:.4f}")
         lines.append(f"| {names[job]} | {_fmt(s['best_fid'])} | "
                      f"{s['best_fid_step'] if s['best_fid_step'] is not None else '–'} | "
                      f"{bpd} | {_fmt(s['final_loss'], 4)} |")
     lines.append("")
-    grouped = groups(jobs, {job: summary(hist[job]) for job in jobs})
-    lines += ["Settings over their seeds: the mean and its 95% Student-t interval "
-              "(summary.json has the numbers).", "",
-              "| settings | seeds | best FID | final bits/dim | final loss |", "|---|---|---|---|---|"]
+    lines += ["Settings over their seeds, at the last evaluation: the mean and its 95% "
+              "Student-t interval (summary.json has the numbers).", "",
+              "| settings | seeds | best FID | final FID | final KID | final bits/dim | final loss |",
+              "|---|---|---|---|---|---|---|"]
     for g in grouped:
         m = g["metrics"]
         seeds = ",".join(str(x) for x in g["seeds"] if x is not None) or "–"
         lines.append(f"| {g['name']} | {len(g['jobs'])} ({seeds}) | "
-                     f"{_interval(m.get('best_fid'), 2)} | {_interval(m.get('final_bpd'), 4)} | "
+                     f"{_interval(m.get('best_fid'), 2)} | {_interval(m.get('final_fid'), 2)} | "
+                     f"{_interval(m.get('final_kid'), 5)} | {_interval(m.get('final_bpd'), 4)} | "
                      f"{_interval(m.get('final_loss'), 4)} |")
     lines.append("")
-    (out / "summary.json").write_text(json.dumps({"groups": grouped}, indent=2) + "\n")
-    fid = {names[j]: hist[j].get("eval/fid") or hist[j].get("val/fid") or [] for j in jobs}
-    if _plot_lines(fid, out / "fid.png", "FID", "FID against step (same x_T in every job)"):
-        lines += ["![FID](fid.png)", ""]
-    bpd = {names[j]: hist[j].get("eval/bpd", []) for j in jobs}
-    if _plot_lines(bpd, out / "bpd.png", "bits/dim", "bits/dim (estimate) against step"):
-        lines += ["![bits/dim](bpd.png)", ""]
-    if _plot_bands(hist, {j: names[j] for j in jobs}, out / "bands.png"):
+    if differences:
+        against = f" against {base['name']}" if base else ""
+        lines += [f"Differences{against} at the last evaluation (lower is better for all three), "
+                  "with 95% intervals: over seeds where the settings share two or more, else "
+                  "within the shared seed (bits/dim paired over images with the same t and ε; "
+                  "FID from the bootstrap; KID from its subsets).", "",
+                  "| A − B | metric | difference [95% interval] | over | verdict |",
+                  "|---|---|---|---|---|", *map(_pair_row, differences), ""]
+    (out / "summary.json").write_text(json.dumps({"groups": grouped, "pairs": differences},
+                                                 indent=2) + "\n")
+    members = {g["name"]: [j for j in jobs if j.name in g["jobs"]] for g in grouped}
+    for key, se_key, png, label in (("fid", "fid_se", "fid.png", "FID"),
+                                    ("kid", "kid_std", "kid.png", "KID"),
+                                    ("bpd", "bpd_se", "bpd.png", "bits/dim")):
+        prefix = "val/" if key == "fid" and not any(hist[j].get("eval/fid") for j in jobs) \
+            else "eval/"
+        bands = {name: band_series(js, hist, prefix + key, prefix + se_key)
+                 for name, js in members.items()}
+        if plot_bands(bands, out / png, label, f"{label} against step: the mean over seeds and "
+                      "its 95% band (one seed: ±1.96 × its own error)"):
+            lines += [f"![{label}]({png})", ""]
+    if plot_t_bands(hist, {j: names[j] for j in jobs}, out / "bands.png"):
         lines += ["![per t-band](bands.png)", ""]
-    _plot_schedules({j: names[j] for j in jobs}, out / "schedules.png")
+    plot_schedules({j: names[j] for j in jobs}, out / "schedules.png")
     lines += ["![schedules](schedules.png)", ""]
     grids = {}
     for job in jobs:
@@ -285,10 +267,13 @@ def main(argv=None) -> None:
                                 description=__doc__.split("\n")[0])
     p.add_argument("sweep_dir")
     p.add_argument("--out", default=None, help="default: SWEEP_DIR/compare")
+    p.add_argument("--baseline", default=None, metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="compare every setting with this one (e.g. schedule=linear) instead of "
+                        "every pair")
     args = p.parse_args(argv)
     sweep = Path(args.sweep_dir)
     try:
-        report = run(sweep, Path(args.out) if args.out else sweep / "compare")
+        report = run(sweep, Path(args.out) if args.out else sweep / "compare", args.baseline)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
