@@ -100,3 +100,24 @@ def test_eval_with_an_empty_torch_hub_cache_builds_the_weights(tmp_path):
         per_image, seed, strata = f["bpd"], int(f["seed"]), int(f["timesteps"])
     assert per_image.shape == (10,) and (seed, strata) == (0, 5)
     assert per_image.mean() == pytest.approx(series(rows, "eval/bpd")[0][1], rel=1e-9)
+
+
+def test_unbuildable_weights_stop_a_sweep_before_any_folder(tmp_path):
+    """Where the Inception weights can neither be found nor built (here: TORCH_HOME under a
+    file), a sweep with callbacks=eval, and sample.py with metrics=[kid], stop in one line
+    naming the setting and the path, before any run or sweep folder is written."""
+    home = "/dev/null/torch_home"
+    sweep = tmp_path / "sweep"
+    proc = run_script("train.py", "-m", "schedule=linear,cosine", *TINY, *EVAL,
+                      f"hydra.sweep.dir={sweep}", "trainer.max_steps=2",
+                      env={"TORCH_HOME": home}, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("error: callbacks.eval needs the Inception network: no "
+                               f"Inception weights at {home}/hub/checkpoints/")
+    assert not sweep.exists()
+    out = tmp_path / "samples"
+    proc = run_main("sample.py", f"ckpt_path={tmp_path / 'any.ckpt'}", "metrics=[kid]",
+                    f"hydra.run.dir={out}", env={"TORCH_HOME": home})
+    assert proc.returncode == 1 and "error: metrics=['kid'] needs the Inception network" in \
+        proc.stderr and not out.exists()

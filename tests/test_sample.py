@@ -79,6 +79,8 @@ def test_nll_reports_the_parts_of_the_bound(ckpt, tmp_path):
     (["sampler.eta=-1"], "sampler.eta=-1 is invalid"),
     (["metrics=[fid,bogus]"], "metrics=['fid', 'bogus'] has unknown 'bogus'"),
     (["compile=maybe"], "compile='maybe' is invalid; it must be true or false"),
+    (["fid.bootstrap=1"], "fid.bootstrap=1 is invalid; use 0 (none) or at least 2"),
+    (["fid.kid_subset_size=1"], "fid.kid_subset_size=1 is invalid; it must be an integer >= 2"),
     (["precision=16-mixed"], "precision='16-mixed' is not supported for sampling; use 32-true "
                              "or bf16-mixed"),
 ])
@@ -126,10 +128,14 @@ def test_offline_fid_and_is_refusal(ckpt, tmp_path, torch_home):
     env = {"TORCH_HOME": str(torch_home), "DDPM_FID_CACHE": str(tmp_path / "stats")}
     out = tmp_path / "fid"
     proc = _sample(ckpt, out, "num_samples=8", "sampler.name=ddim", "sampler.steps=5",
-                   "metrics=[fid]", "fid.reference_max_images=16", env=env)
+                   "metrics=[fid,kid]", "fid.reference_max_images=16", "fid.bootstrap=20",
+                   "fid.kid_subsets=10", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    fid = json.loads((out / "metrics.json").read_text())["fid"]
+    got = json.loads((out / "metrics.json").read_text())
+    fid, kid = got["fid"], got["kid"]
     assert np.isfinite(fid["value"]) and fid["value"] > 0 and fid["reference"] == "train"
+    assert fid["low"] < fid["value"] < fid["high"] and fid["se"] > 0 and fid["bootstrap"] == 20
+    assert kid["value"] > 0 and kid["std"] > 0 and (kid["subsets"], kid["subset_size"]) == (10, 8)
     assert list((tmp_path / "stats").glob("embedded_train_16*.npz"))  # cached reference
     out = tmp_path / "is"
     proc = _sample(ckpt, out, "num_samples=8", "metrics=[is]", env=env)
@@ -140,7 +146,7 @@ def test_offline_fid_and_is_refusal(ckpt, tmp_path, torch_home):
 
 def test_fid_in_training_equals_sample_py_fid(tmp_path, torch_home):
     """callbacks=fid and sample.py draw the same samples for the same seed, batch size and
-    sampler (one sampling loop, one seed rule), so they report the same FID."""
+    sampler (one sampling loop, one seed rule), so they report the same FID and KID."""
     from helpers import TINY, read_metrics, series
 
     env = {"TORCH_HOME": str(torch_home), "DDPM_FID_CACHE": str(tmp_path / "stats")}
@@ -148,19 +154,22 @@ def test_fid_in_training_equals_sample_py_fid(tmp_path, torch_home):
     proc = run_main("train.py", *TINY, f"hydra.run.dir={run}", "trainer.max_steps=3",
                     "callbacks=fid", "callbacks.fid.every_n_steps=3",
                     "callbacks.fid.num_samples=6", "callbacks.fid.batch_size=4",
-                    "callbacks.fid.reference.max_images=16",
+                    "callbacks.fid.reference.max_images=16", "callbacks.fid.kid=true",
+                    "callbacks.fid.kid_subsets=10", "callbacks.fid.kid_subset_size=5",
                     "++callbacks.fid.sampler.steps=10", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (step, in_training), = series(read_metrics(run), "val/fid")
+    (_, kid_in_training), = series(read_metrics(run), "val/kid")
     assert step == 3
     out = tmp_path / "s"
     proc = _sample(run / "checkpoints" / "last.ckpt", out, "num_samples=6", "batch_size=4",
                    "sampler.name=dpm_solver", "sampler.sde=true", "sampler.steps=10",
-                   "metrics=[fid]", "fid.reference_max_images=16", "channels_last=false",
-                   env=env)
+                   "metrics=[fid,kid]", "fid.reference_max_images=16", "channels_last=false",
+                   "fid.kid_subsets=10", "fid.kid_subset_size=5", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    value = json.loads((out / "metrics.json").read_text())["fid"]["value"]
-    assert value == pytest.approx(in_training, rel=1e-5)
+    got = json.loads((out / "metrics.json").read_text())
+    assert got["fid"]["value"] == pytest.approx(in_training, rel=1e-5)
+    assert got["kid"]["value"] == pytest.approx(kid_in_training, rel=1e-4)
 
 
 def test_build_and_run_in_process(ckpt, tmp_path):

@@ -187,6 +187,46 @@ class KeepEarlierRuns(Callback):
                 fail_before_work(err, run_dir)
 
 
+class InceptionWeights(Callback):
+    """A Hydra callback (``hydra.callbacks`` in conf/train.yaml and conf/sample.yaml): when the
+    run needs the Inception network (``callbacks=eval`` or ``fid``; sample.py's ``metrics``
+    fid, kid or is), build its weights offline on first use *before* Hydra creates a run or
+    sweep folder, or stop in one line saying why they cannot be had. Once, however many jobs
+    the sweep has; the build is atomic, so jobs or ranks that start together are safe."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config, Path(str(OmegaConf.select(config, "hydra.run.dir"))))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config, Path(str(OmegaConf.select(config, "hydra.sweep.dir"))))
+
+    @staticmethod
+    def needs(config: DictConfig) -> list[tuple]:
+        """(config key, weights_path, download) of each part of the run that embeds images."""
+        out = []
+        for name, cb in (OmegaConf.select(config, "callbacks") or {}).items():
+            target = str(OmegaConf.select(cb, "_target_", default="")) if cb else ""
+            if target.endswith(("FIDCallback", "EvalCallback")):
+                out.append((f"callbacks.{name}", cb.get("weights_path"),
+                            bool(cb.get("download", False))))
+        metrics = OmegaConf.select(config, "metrics", default=None)
+        if metrics and {"fid", "kid", "is"} & set(metrics):
+            out.append((f"metrics={list(metrics)}", config.fid.get("weights_path"),
+                        bool(config.fid.get("download", False))))
+        return out
+
+    def _check(self, config: DictConfig, where: Path) -> None:
+        if is_ddp_child():
+            return
+        from ddpm_lightning.metrics.fid import resolve_weights
+
+        for key, weights_path, download in self.needs(config):
+            try:
+                resolve_weights(weights_path, download)
+            except FileNotFoundError as err:
+                fail_before_work(ConfigError(f"{key} needs the Inception network: {err}"), where)
+
+
 # Keys that do not change what a run computes: its length, where it reads its data from, and
 # what it shows and records (callbacks draw from their own generators, never the training RNG).
 # resume=auto continues a run whose other settings all equal this command's.

@@ -1,6 +1,6 @@
 """What ``sample.py`` does, importable: build a sampling job from the sample config (the
 checkpoint's module, the sampler settings, Fabric, the prepared network), draw the samples,
-save them, and evaluate FID, IS and bits/dim."""
+save them, and evaluate FID, KID, IS and bits/dim."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from omegaconf import DictConfig
 
 from ddpm_lightning.app.runtime import ConfigError, check_int
 
-METRICS = ("fid", "is", "nll")
+METRICS = ("fid", "kid", "is", "nll")
+INCEPTION_METRICS = {"fid", "kid", "is"}
 PRECISIONS = ("32-true", "bf16-mixed")
 
 
@@ -41,6 +42,10 @@ def validate(cfg: DictConfig) -> dict:
     """Check the request before any work; return the sampler settings given (non-null)."""
     for key in ("num_samples", "batch_size", "devices", "grid_size"):
         check_int(key, cfg[key], 0 if key == "grid_size" else 1)
+    for key, lo in (("bootstrap", 0), ("kid_subsets", 1), ("kid_subset_size", 2)):
+        check_int(f"fid.{key}", cfg.fid[key], lo)
+    if cfg.fid.bootstrap == 1:
+        raise ConfigError("fid.bootstrap=1 is invalid; use 0 (none) or at least 2 resamplings")
     if str(cfg.precision) not in PRECISIONS:
         raise ConfigError(f"precision={cfg.precision!r} is not supported for sampling; use "
                           f"{' or '.join(PRECISIONS)} (the U-Net under bf16 autocast)")
@@ -76,7 +81,7 @@ def build(cfg: DictConfig) -> SamplingJob:
     module, run_config, ckpt = load_module(cfg.ckpt_path, model_config=cfg.model)
     T = module.diffusion.num_timesteps
     settings = module.sampler.updated(validate(cfg), T, key="sampler")
-    if {"fid", "is"} & set(cfg.metrics):
+    if INCEPTION_METRICS & set(cfg.metrics):
         check_inception(cfg)  # missing or fc-less weights fail before hours of sampling
         if cfg.num_samples < 50_000:
             print(f"note: num_samples={cfg.num_samples}: FID and IS are biased with fewer than "
@@ -173,20 +178,38 @@ def nll(job: SamplingJob) -> dict:
 
 
 def quality(job: SamplingJob, images: torch.Tensor) -> dict:
-    """FID against the cached reference statistics, and the Inception Score, as requested."""
+    """FID (with its bootstrap standard error when ``fid.bootstrap`` > 0) and KID against the
+    cached reference (statistics, and features for KID), and the Inception Score, as
+    requested. The samples' features are computed once for FID and KID."""
     from ddpm_lightning.metrics import fid as fidlib
+    from ddpm_lightning.metrics.kid import kid_from_features
     from ddpm_lightning.metrics.reference import reference_stats
 
     cfg, device, out = job.cfg.fid, job.fabric.device, {}
-    if "fid" in job.cfg.metrics:
-        stats = reference_stats(_datamodule(job), split=cfg.reference_split,
-                                max_images=cfg.reference_max_images, device=device,
-                                weights_path=cfg.weights_path, download=cfg.download)
-        value = fidlib.compute_fid(images, stats, device=device, weights_path=cfg.weights_path,
-                                   download=cfg.download)
-        out["fid"] = {"value": value, "reference": cfg.reference_split,
-                      "num_samples": int(images.shape[0])}
-    if "is" in job.cfg.metrics:
+    wanted = set(job.cfg.metrics)
+    n = int(images.shape[0])
+    if {"fid", "kid"} & wanted:
+        ref = reference_stats(_datamodule(job), split=cfg.reference_split,
+                              max_images=cfg.reference_max_images, device=device,
+                              weights_path=cfg.weights_path, download=cfg.download,
+                              features="kid" in wanted)
+        features = fidlib.inception_features(images, device=device,
+                                             weights_path=cfg.weights_path,
+                                             download=cfg.download).cpu()
+        where = {"reference": cfg.reference_split, "num_samples": n}
+        if "fid" in wanted:
+            frechet = fidlib.FrechetToReference(*ref[:2])
+            out["fid"] = {"value": frechet(features), **where}
+            if cfg.bootstrap:
+                boot = frechet.bootstrap(features, cfg.bootstrap, seed=job.cfg.seed)
+                out["fid"].update(se=boot["se"], low=boot["low"], high=boot["high"],
+                                  bootstrap=cfg.bootstrap)
+        if "kid" in wanted:
+            size = min(cfg.kid_subset_size, n, len(ref[2]))
+            kid = kid_from_features(features, ref[2], cfg.kid_subsets, size, seed=job.cfg.seed)
+            out["kid"] = {"value": kid["kid"], "std": kid["kid_std"], "subsets": kid["subsets"],
+                          "subset_size": kid["subset_size"], **where}
+    if "is" in wanted:
         mean, std = fidlib.inception_score(images, splits=cfg.is_splits, device=device,
                                            weights_path=cfg.weights_path, download=cfg.download)
         out["is"] = {"mean": mean, "std": std, "splits": cfg.is_splits}
@@ -203,7 +226,7 @@ def run(job: SamplingJob, out_dir: Path) -> dict:
     on_rank_zero(f"saving the samples in {out_dir}", save, out_dir, images, job.cfg.grid_size)
     if "nll" in metrics:
         job.results["nll"] = nll(job)
-    if job.is_global_zero and {"fid", "is"} & metrics:
+    if job.is_global_zero and INCEPTION_METRICS & metrics:
         job.results.update(quality(job, images))
     if job.is_global_zero:
         (out_dir / "metrics.json").write_text(json.dumps(job.results, indent=2) + "\n")
