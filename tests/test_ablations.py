@@ -207,6 +207,7 @@ def test_table2_at_cpu_scale_is_the_cpu_recipe_with_each_row():
     """experiment=table2_cpu: the sweep's six rows over the cpu_embedded recipe (digits, the
     CPU network and module=ddpm_cpu), each row changing only what the paper's row changes."""
     import ddpm_lightning.app  # noqa: F401  (registers the ${mul:} resolver)
+
     from helpers import compose
 
     base = compose("train", "experiment=cpu_embedded")
