@@ -101,6 +101,19 @@ def test_sigterm_mid_epoch_then_resume_auto(tmp_path):
     _assert_bit_equal(_losses(full), _losses(run), 12)
 
 
+def test_a_signal_stops_a_local_sweep_not_only_its_job(tmp_path):
+    """SIGTERM (or Ctrl-C) in job 0 of a 2-job local sweep: job 0 saves its checkpoint and the
+    sweep ends there, with exit status 143 and one line; job 1 is never started (before, each
+    signal only stopped one job, and the next began)."""
+    sweep = tmp_path / "sweep"
+    proc = run_script("train.py", "-m", "schedule=linear,cosine", *BASE, "trainer.max_steps=12",
+                      "+callbacks.kill._target_=helpers.SigtermAt", "+callbacks.kill.step=3",
+                      f"hydra.sweep.dir={sweep}", env={"PYTHONPATH": str(ROOT / "tests")})
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert "error: SIGTERM stopped job 0 of the sweep at step 4" in proc.stderr
+    assert (sweep / "0" / "checkpoints" / "last.ckpt").is_file() and not (sweep / "1").exists()
+
+
 @pytest.mark.slow
 def test_mid_epoch_resume_under_two_rank_ddp(tmp_path):
     args = [*BASE, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",

@@ -139,7 +139,27 @@ def run(cfg: DictConfig, hc):
     runtime.end_distributed()  # every rank got here: a clean shutdown of the process group
     if trainer.is_global_zero:
         print(f"run directory: {run_dir}")
+    if str(hc.mode) == "RunMode.MULTIRUN":
+        stop_sweep_if_signalled(trainer, hc)
     return trainer
+
+
+def stop_sweep_if_signalled(trainer, hc) -> None:
+    """A job of a local sweep stopped by a signal (Ctrl-C, SIGTERM; not a SLURM requeue) ends
+    the sweep: its later jobs are not started, and the process exits with 128 + the signal's
+    number. Otherwise each Ctrl-C would only stop one job, and the next would start."""
+    import signal
+
+    from ddpm_lightning.training.callbacks import Preemption
+
+    for cb in trainer.callbacks:
+        if isinstance(cb, Preemption) and cb.saved_step is not None and cb.requeued is None:
+            if trainer.is_global_zero:
+                sys.stderr.write(f"error: {cb.received} stopped job {hc.job.num} of the sweep at "
+                                 f"step {cb.saved_step} (its last.ckpt is saved); the later jobs "
+                                 "are not started\n")
+                sys.stderr.flush()
+            sys.exit(128 + int(getattr(signal, cb.received or "SIGTERM")))
 
 
 def record_resume(run_dir: Path, ckpt_path: Path, settings: dict) -> None:
