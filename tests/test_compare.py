@@ -17,7 +17,7 @@ def sweep(tmp_path, weights):
     (home / "hub" / "checkpoints").mkdir(parents=True)
     (home / "hub" / "checkpoints" / weights.name).symlink_to(weights)
     sweep = tmp_path / "sweep"
-    proc = run_script("train.py", "-m", "schedule=linear,cosine", *TINY, *EVAL,
+    proc = run_script("train.py", "-m", "schedule=linear,cosine", "seed=0,1", *TINY, *EVAL,
                       "trainer.max_steps=4", "callbacks.sample_grid.every_n_steps=2",
                       f"hydra.sweep.dir={sweep}", timeout=900,
                       env={"TORCH_HOME": str(home), "DDPM_FID_CACHE": str(tmp_path / "stats")})
@@ -27,13 +27,17 @@ def sweep(tmp_path, weights):
 
 @pytest.mark.slow
 def test_report_of_a_sweep(sweep, capsys):
+    """A real 2-setting × 2-seed sweep (callbacks=eval): the per-job table, the groups over
+    seeds with intervals, the pairs with verdicts, and the band plots."""
     compare.main([str(sweep)])
     out = sweep / "compare"
     report = (out / "report.md").read_text()
     per_job = report.split("Settings over their seeds")[0]  # the first table: one row a job
     rows = [line for line in per_job.splitlines() if line.startswith("| schedule=")]
-    assert [r.split(" | ")[0] for r in rows] == ["| schedule=linear", "| schedule=cosine"]
-    for job, row in zip(("0", "1"), rows):
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| schedule=linear,seed=0", "| schedule=linear,seed=1", "| schedule=cosine,seed=0",
+        "| schedule=cosine,seed=1"]
+    for job, row in zip(("0", "1", "2", "3"), rows):
         fids = series(read_metrics(sweep / job), "eval/fid")
         best_step, best = min(fids, key=lambda sv: sv[1])
         cells = row.split(" | ")
@@ -42,10 +46,25 @@ def test_report_of_a_sweep(sweep, capsys):
         assert cells[3].startswith(f"{bpd:.4f} ± ")
     import json
 
-    grouped = json.loads((out / "summary.json").read_text())["groups"]
-    assert [(g["name"], g["metrics"]["best_fid"]["n"]) for g in grouped] == [
-        ("schedule=linear", 1), ("schedule=cosine", 1)]  # one seed each: no interval
-    for name in ("fid.png", "bpd.png", "bands.png", "schedules.png", "grids.png"):
+    summary = json.loads((out / "summary.json").read_text())
+    grouped = summary["groups"]
+    assert [(g["name"], g["seeds"]) for g in grouped] == [
+        ("schedule=linear", ["0", "1"]), ("schedule=cosine", ["0", "1"])]
+    for g in grouped:
+        for metric in ("final_fid", "final_kid", "final_bpd"):
+            m = g["metrics"][metric]
+            assert m["n"] == 2 and m["low"] < m["mean"] < m["high"], (g["name"], metric, m)
+    pairs = {p["metric"]: p for p in summary["pairs"]}
+    assert set(pairs) == {"bpd", "kid", "fid"}
+    for p in pairs.values():
+        assert (p["a"], p["b"], p["over"], p["n"]) == ("schedule=cosine", "schedule=linear",
+                                                       "seeds", 2)
+        assert p["low"] <= p["difference"] <= p["high"]
+        assert p["verdict"] in ("lower", "higher",
+                                "no difference resolved at this N and seed count")
+        assert (p["to_resolve"] is None) == (p["verdict"] != "no difference resolved at this N "
+                                             "and seed count")
+    for name in ("fid.png", "kid.png", "bpd.png", "bands.png", "schedules.png", "grids.png"):
         assert f"({name})" in report and Image.open(out / name).width > 50
     # the two grids side by side: wider than one
     assert Image.open(out / "grids.png").width > 2 * Image.open(
