@@ -223,8 +223,8 @@ def test_devices_and_dtypes_follow_inputs(diffusion):
 
 def test_invalid_options_are_named():
     b = make_beta_schedule("linear", 10)
-    with pytest.raises(ValueError, match="diffusion.parameterization='v'"):
-        GaussianDiffusion(b, parameterization="v")
+    with pytest.raises(ValueError, match="diffusion.parameterization='w'"):
+        GaussianDiffusion(b, parameterization="w")
     with pytest.raises(ValueError, match="diffusion.variance='huge'"):
         GaussianDiffusion(b, variance="huge")
     with pytest.raises(ValueError, match="trains no variance"):

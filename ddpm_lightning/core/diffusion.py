@@ -4,8 +4,12 @@ Indexing: the paper counts t = 1 … T; tensors here are 0-indexed, so ``t`` = 0
 paper's t = 1 (the decoder step, L_0) and ``t`` = T − 1 is the paper's t = T.
 
 The network is passed into each call, never owned: ``model(x_t, t) -> output``. What the
-output means is set by ``parameterization`` (ε, x_0 or µ̃) and, when the variance is learned,
-its second half of channels carries v (see ``p_mean_variance``).
+output means is set by ``parameterization`` (ε, x_0, µ̃, or the velocity v = √ᾱ_t ε − √(1 − ᾱ_t) x_0
+of Salimans & Ho 2022) and, when the variance is learned, its second half of channels carries
+the variance interpolation (see ``p_mean_variance``).
+
+A schedule with a zero terminal SNR (ᾱ_T = 0, β_T = 1; ``schedules.zero_terminal_snr``) is
+supported for every parameterization but ε, for which x̂_0 at t = T is undefined.
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ from ddpm_lightning.core.losses import (
 )
 from ddpm_lightning.core.schedules import validate_betas
 
-Parameterization = Literal["eps", "x0", "mu"]
+Parameterization = Literal["eps", "x0", "mu", "v"]
 Variance = Literal["fixed_small", "fixed_large", "learned", "learned_range"]
 Objective = Literal["simple", "vlb", "hybrid"]
 
-PARAMETERIZATIONS = ("eps", "x0", "mu")
+PARAMETERIZATIONS = ("eps", "x0", "mu", "v")
+LOSS_WEIGHTS = ("none", "min_snr")
 VARIANCES = ("fixed_small", "fixed_large", "learned", "learned_range")
 OBJECTIVES = ("simple", "vlb", "hybrid")
 _VARIANCE_ALIASES = {"small": "fixed_small", "large": "fixed_large"}
@@ -49,13 +54,34 @@ def normalize_variance(variance: str) -> str:
     return variance
 
 
+def loss_weights(snr: np.ndarray, parameterization: str, loss_weight: str,
+                 gamma: float = 5.0) -> np.ndarray:
+    """The weight of each t's squared error. "none": 1. "min_snr" (Hang et al. 2023): the
+    weight that turns the parameterization's error into min(SNR_t, γ)·‖x_0 − x̂_0‖², since
+    ‖ε − ε̂‖² = SNR·‖x_0 − x̂_0‖², ‖v − v̂‖² = (SNR + 1)·‖x_0 − x̂_0‖²: min(SNR, γ)/SNR for ε,
+    min(SNR, γ) for x_0, min(SNR, γ)/(SNR + 1) for v."""
+    snr = np.asarray(snr, dtype=np.float64)
+    if loss_weight == "none":
+        return np.ones_like(snr)
+    clipped = np.minimum(snr, gamma)
+    if parameterization == "eps":
+        return clipped / snr
+    if parameterization == "x0":
+        return clipped
+    if parameterization == "v":
+        return clipped / (snr + 1.0)
+    raise ValueError(f"loss_weight={loss_weight!r} does not apply to "
+                     f"parameterization={parameterization!r}")
+
+
 class GaussianDiffusion:
     """Forward process q(x_t | x_0), reverse process p_θ(x_{t−1} | x_t), and their bound.
 
     Args:
         betas: β_1 … β_T (any sequence; validated and kept in float64).
         parameterization: what the network predicts: "eps" (ε, the paper's choice), "x0"
-            (x_0) or "mu" (the posterior mean µ̃_t).
+            (x_0), "mu" (the posterior mean µ̃_t) or "v" (the velocity √ᾱ_t ε − √(1 − ᾱ_t) x_0,
+            Salimans & Ho 2022).
         variance: Σ_θ of the reverse process: "fixed_small" (σ² = β̃_t), "fixed_large"
             (σ² = β_t), "learned" (the network outputs log σ² directly) or "learned_range"
             (log σ² = v·log β_t + (1 − v)·log β̃_t, improved DDPM). Learned variances make the
@@ -64,6 +90,12 @@ class GaussianDiffusion:
             in bits/dim, for the sampled t) or "hybrid" (L_simple + λ·T·L_{t−1} with the mean
             frozen in the bound term, improved DDPM).
         hybrid_lambda: λ of the hybrid objective (0.001 in improved DDPM).
+        loss_weight: "none" (the paper's) or "min_snr" (Hang et al. 2023): each t's squared
+            error is weighted so that the loss is min(SNR_t, γ)·‖x_0 − x̂_0‖², SNR_t =
+            ᾱ_t/(1 − ᾱ_t): the weight is min(SNR, γ)/SNR for ε, min(SNR, γ) for x_0 and
+            min(SNR, γ)/(SNR + 1) for v (``loss_weights``). It weights the squared error of
+            the simple and hybrid objectives; the bound (vlb) is never weighted.
+        min_snr_gamma: γ of min_snr (5 in the paper).
     """
 
     def __init__(
@@ -73,8 +105,11 @@ class GaussianDiffusion:
         variance: Variance = "fixed_large",
         objective: Objective = "simple",
         hybrid_lambda: float = 1e-3,
+        loss_weight: str = "none",
+        min_snr_gamma: float = 5.0,
     ):
         _check_choice("diffusion.parameterization", parameterization, PARAMETERIZATIONS)
+        _check_choice("diffusion.loss_weight", loss_weight, LOSS_WEIGHTS)
         variance = normalize_variance(variance)
         _check_choice("diffusion.objective", objective, OBJECTIVES)
         learned = variance in ("learned", "learned_range")
@@ -94,11 +129,27 @@ class GaussianDiffusion:
         self.variance = variance
         self.objective = objective
         self.hybrid_lambda = float(hybrid_lambda)
+        if loss_weight == "min_snr":
+            if objective == "vlb" or parameterization == "mu":
+                raise ValueError(
+                    "diffusion.loss_weight='min_snr' weights the squared error of ε, x_0 or v; "
+                    f"it does not apply to diffusion.objective={objective!r} with "
+                    f"diffusion.parameterization={parameterization!r}")
+            if not (math.isfinite(min_snr_gamma) and min_snr_gamma > 0):
+                raise ValueError(f"diffusion.min_snr_gamma={min_snr_gamma!r} must be finite "
+                                 "and > 0")
+        self.loss_weight, self.min_snr_gamma = loss_weight, float(min_snr_gamma)
 
         b = validate_betas(betas)
         self.num_timesteps = T = len(b)
         a = 1.0 - b
         abar = np.cumprod(a)
+        self.zero_terminal_snr = bool(abar[-1] == 0.0)
+        if self.zero_terminal_snr and parameterization == "eps":
+            raise ValueError(
+                "diffusion.parameterization='eps' is undefined with a zero terminal SNR (ᾱ_T = 0: "
+                "x̂_0 = (x_T − √(1 − ᾱ_T) ε̂)/√ᾱ_T divides by 0); use "
+                "module.parameterization=v (or x0)")
         abar_prev = np.append(1.0, abar[:-1])
         # β̃_t = (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · β_t   (eq. 7)
         post_var = b * (1.0 - abar_prev) / (1.0 - abar)
@@ -112,8 +163,7 @@ class GaussianDiffusion:
             "sqrt_alphas_cumprod": np.sqrt(abar),
             "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - abar),
             "log_one_minus_alphas_cumprod": np.log(1.0 - abar),
-            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / abar),
-            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / abar - 1.0),
+            "snr": abar / (1.0 - abar),  # ᾱ_t/(1 − ᾱ_t); 0 at a zero terminal SNR
             "posterior_variance": post_var,
             "posterior_log_variance_clipped": np.log(np.append(first, post_var[1:])),
             "posterior_mean_coef1": b * np.sqrt(abar_prev) / (1.0 - abar),
@@ -123,6 +173,11 @@ class GaussianDiffusion:
             "large_log_variance": np.log(np.append(first, b[1:])),
             "log_betas": np.log(b),
         }
+        with np.errstate(divide="ignore"):  # ᾱ_T = 0: these are inf there (never used: ε)
+            tables["sqrt_recip_alphas_cumprod"] = np.sqrt(1.0 / abar)
+            tables["sqrt_recipm1_alphas_cumprod"] = np.sqrt(1.0 / abar - 1.0)
+        tables["loss_weights"] = loss_weights(tables["snr"], parameterization, loss_weight,
+                                              self.min_snr_gamma)
         self._tables = {k: torch.from_numpy(v) for k, v in tables.items()}
         self._device_cache: dict[torch.device, dict[str, torch.Tensor]] = {}
 
@@ -184,10 +239,25 @@ class GaussianDiffusion:
         )
 
     def predict_eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor):
-        """ε = (x_t − √ᾱ_t x_0) / √(1 − ᾱ_t)."""
+        """ε = (x_t − √ᾱ_t x_0) / √(1 − ᾱ_t) (defined at ᾱ_T = 0 too: ε = x_T)."""
         return (
-            self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0
-        ) / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t)
+            x_t - self._extract("sqrt_alphas_cumprod", t, x_t) * x0
+        ) / self._extract("sqrt_one_minus_alphas_cumprod", t, x_t)
+
+    def velocity(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor):
+        """v = √ᾱ_t ε − √(1 − ᾱ_t) x_0 (Salimans & Ho 2022), the v-prediction target."""
+        return (self._extract("sqrt_alphas_cumprod", t, x0) * noise
+                - self._extract("sqrt_one_minus_alphas_cumprod", t, x0) * x0)
+
+    def predict_x0_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor):
+        """x_0 = √ᾱ_t x_t − √(1 − ᾱ_t) v."""
+        return (self._extract("sqrt_alphas_cumprod", t, x_t) * x_t
+                - self._extract("sqrt_one_minus_alphas_cumprod", t, x_t) * v)
+
+    def predict_eps_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor):
+        """ε = √(1 − ᾱ_t) x_t + √ᾱ_t v."""
+        return (self._extract("sqrt_one_minus_alphas_cumprod", t, x_t) * x_t
+                + self._extract("sqrt_alphas_cumprod", t, x_t) * v)
 
     def predict_x0_from_mu(self, x_t: torch.Tensor, t: torch.Tensor, mu: torch.Tensor):
         """Invert µ̃_t = coef1·x_0 + coef2·x_t for x_0."""
@@ -267,6 +337,8 @@ class GaussianDiffusion:
         else:
             if self.parameterization == "eps":
                 pred_x0 = clip(self.predict_x0_from_eps(x_t, t, pred))
+            elif self.parameterization == "v":
+                pred_x0 = clip(self.predict_x0_from_v(x_t, t, pred))
             else:
                 pred_x0 = clip(pred)
             mean, _, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)
@@ -295,8 +367,9 @@ class GaussianDiffusion:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample training loss and the timesteps drawn (Algorithm 1 for L_simple).
 
-        simple:  ‖target − f_θ(x_t, t)‖², averaged over pixels, where the target is ε, x_0 or
-                 µ̃_t(x_t, x_0) according to the parameterization.
+        simple:  ‖target − f_θ(x_t, t)‖², averaged over pixels, where the target is ε, x_0,
+                 µ̃_t(x_t, x_0) or v according to the parameterization, times the min-SNR
+                 weight of t with ``loss_weight="min_snr"``.
         vlb:     the bound term at t in bits/dim: KL(q(x_{t−1}|x_t,x_0) ‖ p_θ(x_{t−1}|x_t)) for
                  t > 0 and −log p_θ(x_0|x_1) for t = 0 (equal to ``bits_per_dim``'s terms).
         hybrid:  simple + λ·T·vlb, with the mean frozen inside the vlb term, so that it trains
@@ -317,9 +390,13 @@ class GaussianDiffusion:
             target = noise
         elif self.parameterization == "x0":
             target = x0
+        elif self.parameterization == "v":
+            target = self.velocity(x0, t, noise)
         else:
             target, _, _ = self.q_posterior_mean_variance(x0, x_t, t)
         loss = mean_flat((target.float() - pred.float()) ** 2)
+        if self.loss_weight != "none":
+            loss = loss * self._extract("loss_weights", t, loss)
         if self.objective == "hybrid":
             frozen = torch.cat([pred.detach(), v], dim=1)
             vb = self._vb_terms_bpd(model, x0, x_t, t, output=frozen, clip_denoised=False)

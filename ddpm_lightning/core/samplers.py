@@ -116,7 +116,8 @@ def chain_for(model, diffusion: GaussianDiffusion, steps, spacing):
 def denoise(chain: GaussianDiffusion, net, x, t, clip: str = "raw_eps", variance=None):
     """One network call: p_θ(x_{t−1} | x_t) and the predictions, after ``clip``:
 
-    raw_eps   clip x̂_0 to [−1, 1] but keep the network's own ε̂ (diffusers' DDIM default, and
+    raw_eps   clip x̂_0 to [−1, 1] but keep the network's own ε̂ (from v̂ for v-prediction;
+              diffusers' DDIM default, and
               this project's: the DDIM variant without speckle in the README's study);
     rederive  clip x̂_0 and re-derive ε̂ from it (improved-diffusion's way; the default before);
     none      neither (the DDIM paper's code);
@@ -135,8 +136,10 @@ def denoise(chain: GaussianDiffusion, net, x, t, clip: str = "raw_eps", variance
             chain.q_posterior_mean_variance(x0, x, t)[0]
         return {**out, "mean": mean, "pred_x0": x0,
                 "pred_eps": chain.predict_eps_from_x0(x, t, x0)}
-    if clip in ("none", "raw_eps") and chain.parameterization == "eps":
-        out["pred_eps"] = chain.split_output(output, x)[0]  # the network's ε̂ itself
+    if clip in ("none", "raw_eps") and chain.parameterization in ("eps", "v"):
+        raw = chain.split_output(output, x)[0]  # the network's own ε̂ (or the one its v̂ gives)
+        out["pred_eps"] = raw if chain.parameterization == "eps" else \
+            chain.predict_eps_from_v(x, t, raw)
     return out
 
 

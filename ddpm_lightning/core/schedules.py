@@ -10,6 +10,12 @@ Names:
     quadratic  √β linear between √beta_start and √beta_end (the original code's "quad").
     sigmoid    β = beta_start + (beta_end − beta_start)·sigmoid(linspace(−6, 6, T)).
     constant   β_t = beta_end for every t.
+
+``rescale_zero_terminal_snr=True`` rescales any of them to a zero terminal SNR (Lin et al. 2024,
+"Common diffusion noise schedules and sample steps are flawed", Algorithm 1): √ᾱ_t is shifted
+so that √ᾱ_T = 0 and scaled so that √ᾱ_1 is unchanged, and β_t = 1 − ᾱ_t/ᾱ_{t−1} recomputed,
+which makes β_T = 1: x_T is then pure noise, as sampling assumes. ε-prediction is undefined at
+t = T there (x̂_0 = (x_T − ε̂)/0), so such a schedule needs v- (or x_0-) prediction.
 """
 
 from __future__ import annotations
@@ -46,8 +52,25 @@ def _cosine(T: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
     return np.minimum(betas, max_beta)
 
 
+def zero_terminal_snr(betas) -> np.ndarray:
+    """Lin et al. 2024, Algorithm 1: the betas whose √ᾱ_t is an affine map of the given one
+    with √ᾱ_1 kept and √ᾱ_T = 0 (so β_T = 1), in float64."""
+    b = np.asarray(betas, dtype=np.float64)
+    root = np.sqrt(np.cumprod(1.0 - b))
+    first, last = root[0], root[-1]
+    if len(b) < 2 or not first > last:
+        raise ValueError("schedule.rescale_zero_terminal_snr=true needs T >= 2 and a decreasing "
+                         "ᾱ_t")
+    root = (root - last) * first / (first - last)
+    abar = root**2
+    alphas = np.append(abar[0], abar[1:] / abar[:-1])
+    return 1.0 - alphas
+
+
 def validate_betas(betas, key: str = "schedule.betas") -> np.ndarray:
-    """Return ``betas`` as a 1-D float64 array, or raise ValueError naming the bad value."""
+    """Return ``betas`` as a 1-D float64 array, or raise ValueError naming the bad value.
+    Every β_t must lie in (0, 1), except that the last may be exactly 1 (a zero terminal
+    SNR, see ``zero_terminal_snr``)."""
     b = np.asarray(betas, dtype=np.float64)
     if b.ndim != 1 or b.size < 1:
         raise ValueError(f"{key} must be a non-empty 1-D sequence, got shape {tuple(b.shape)}")
@@ -55,10 +78,12 @@ def validate_betas(betas, key: str = "schedule.betas") -> np.ndarray:
     if bad.size:
         i = int(bad[0])
         raise ValueError(f"{key}[{i}]={b[i]} is not finite; every β_t must be a finite number")
-    bad = np.flatnonzero((b <= 0.0) | (b >= 1.0))
+    not_last = (np.arange(b.size) < b.size - 1) | (b.size == 1)  # β_T = 1 needs T >= 2
+    bad = np.flatnonzero((b <= 0.0) | (b > 1.0) | ((b == 1.0) & not_last))
     if bad.size:
         i = int(bad[0])
-        raise ValueError(f"{key}[{i}]={b[i]:.6g} is outside (0, 1); every β_t must satisfy 0 < β_t < 1")
+        raise ValueError(f"{key}[{i}]={b[i]:.6g} is outside (0, 1); every β_t must satisfy "
+                         "0 < β_t < 1 (the last may be 1: a zero terminal SNR)")
     return b
 
 
@@ -69,11 +94,13 @@ def make_beta_schedule(
     beta_end: float = 0.02,
     cosine_s: float = 0.008,
     max_beta: float = 0.999,
+    rescale_zero_terminal_snr: bool = False,
 ) -> np.ndarray:
     """β_1 … β_T of the named schedule as a float64 array of length T.
 
     ``beta_start``/``beta_end`` apply to linear, quadratic, sigmoid and constant;
-    ``cosine_s``/``max_beta`` to cosine. Raises ValueError naming the key and value
+    ``cosine_s``/``max_beta`` to cosine. ``rescale_zero_terminal_snr`` rescales the result to
+    ᾱ_T = 0 (module docstring). Raises ValueError naming the key and value
     for an unknown name, T < 1, or any β outside (0, 1) or non-finite.
     """
     if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 1:
@@ -97,4 +124,9 @@ def make_beta_schedule(
         betas = _cosine(T, cosine_s, max_beta)
     else:
         raise ValueError(f"schedule.name={name!r} is unknown; valid names: {', '.join(SCHEDULES)}")
+    if not isinstance(rescale_zero_terminal_snr, bool):
+        raise ValueError(f"schedule.rescale_zero_terminal_snr={rescale_zero_terminal_snr!r} "
+                         "must be true or false")
+    if rescale_zero_terminal_snr:
+        betas = zero_terminal_snr(validate_betas(betas))
     return validate_betas(betas, key=f"schedule {name!r} β")

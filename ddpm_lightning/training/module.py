@@ -36,7 +36,8 @@ class DDPM(L.LightningModule):
     Args:
         model: the network ε_θ(x_t, t) (or x_0/µ̃ predictor, see ``parameterization``).
         betas: β_1 … β_T, e.g. ``make_beta_schedule("linear", 1000)``.
-        parameterization, variance, objective, hybrid_lambda: see ``GaussianDiffusion``.
+        parameterization, variance, objective, hybrid_lambda, loss_weight, min_snr_gamma: see
+            ``GaussianDiffusion`` (v-prediction, and min-SNR-γ weighting).
         lr, adam_betas, adam_eps, weight_decay: Adam's settings.
         warmup_steps: the lr rises linearly as lr·min(step / warmup_steps, 1), as in the
             original code (so the very first update uses lr = 0 when warmup_steps > 0).
@@ -78,6 +79,8 @@ class DDPM(L.LightningModule):
         variance: str = "fixed_large",
         objective: str = "simple",
         hybrid_lambda: float = 1e-3,
+        loss_weight: str = "none",
+        min_snr_gamma: float = 5.0,
         lr: float = 2e-4,
         adam_betas: Sequence[float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
@@ -116,7 +119,8 @@ class DDPM(L.LightningModule):
         # Plain Python containers only, so that checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(to_plain({
             "parameterization": parameterization, "variance": variance, "objective": objective,
-            "hybrid_lambda": hybrid_lambda, "lr": lr, "adam_betas": adam_betas,
+            "hybrid_lambda": hybrid_lambda, "loss_weight": loss_weight,
+            "min_snr_gamma": min_snr_gamma, "lr": lr, "adam_betas": adam_betas,
             "adam_eps": adam_eps, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
             "ema_decay": ema_decay, "use_ema": use_ema, "sampler": sampler or {},
             "timesteps": timesteps or {}, "run_config": run_config,
@@ -126,13 +130,12 @@ class DDPM(L.LightningModule):
         self.ema_model = copy.deepcopy(model).eval().requires_grad_(False)
         if compile:  # after the EMA copy; compiles __call__ in place, so no key changes
             self.model.compile(**({} if compile is True else {"mode": compile}))
-        self.diffusion = GaussianDiffusion(
-            betas,
-            parameterization=parameterization,
-            variance=variance,
-            objective=objective,
-            hybrid_lambda=hybrid_lambda,
-        )
+        try:
+            self.diffusion = GaussianDiffusion(
+                betas, parameterization=parameterization, variance=variance, objective=objective,
+                hybrid_lambda=hybrid_lambda, loss_weight=loss_weight, min_snr_gamma=min_snr_gamma)
+        except ValueError as err:  # the settings are module.* in the config
+            raise ValueError(str(err).replace("diffusion.", "module.")) from None
         self.sampler = SamplerSettings.parse(self.hparams.sampler, self.diffusion.num_timesteps,
                                              key="module.sampler")
         self.timesteps = make_timestep_sampler(self.diffusion.num_timesteps,
