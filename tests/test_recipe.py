@@ -43,7 +43,7 @@ def test_x0_and_eps_recovered_from_v_in_float64():
         v = d.velocity(x0, t, eps)
         assert torch.allclose(d.predict_x0_from_v(x_t, t, v), x0, atol=1e-12)
         assert torch.allclose(d.predict_eps_from_v(x_t, t, v), eps, atol=1e-12)
-        out = d.p_mean_variance(lambda x, s: v, x_t, t, clip_denoised=False)
+        out = d.p_mean_variance(None, x_t, t, clip_denoised=False, output=v)
         assert torch.allclose(out["pred_x0"], x0, atol=1e-12)
         assert torch.allclose(out["pred_eps"], eps, atol=1e-10)
 
