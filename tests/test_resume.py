@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from helpers import ROOT, TINY, read_metrics, run_main, run_script, series
@@ -99,6 +100,21 @@ def test_sigterm_mid_epoch_then_resume_auto(tmp_path):
     _ok(run_script("train.py", *BASE, f"hydra.run.dir={run}", "trainer.max_steps=12",
                    "resume=auto", env=env))
     _assert_bit_equal(_losses(full), _losses(run), 12)
+
+
+def test_posthoc_ema_profiles_survive_a_mid_epoch_resume(tmp_path):
+    """module.ema=posthoc: a run stopped at step 5 and resumed to 12 writes the same snapshots
+    (steps 4, 8 and 12; 5 where it stopped) as a run never stopped, bit for bit."""
+    args = [*BASE, "module.ema=posthoc", "module.posthoc.every_n_steps=4"]
+    want, got = _compare(tmp_path, args, stop=5, total=12)
+    _assert_bit_equal(want, got, 12)
+    full, part = tmp_path / "full" / "posthoc_ema", tmp_path / "part" / "posthoc_ema"
+    assert sorted(p.name for p in part.glob("step_*.pt")) == [
+        "step_0000004.pt", "step_0000005.pt", "step_0000008.pt", "step_0000012.pt"]
+    for name in ("step_0000008.pt", "step_0000012.pt"):
+        a, b = (torch.load(d / name, weights_only=True)["state_dicts"] for d in (full, part))
+        for sa, sb in zip(a, b):
+            assert all(torch.equal(sa[k], sb[k]) for k in sa), name
 
 
 def test_a_signal_stops_a_local_sweep_not_only_its_job(tmp_path):

@@ -19,6 +19,7 @@ from ddpm_lightning.training.distributed import sync_device
 from ddpm_lightning.training.hparams import check_number, to_plain
 from ddpm_lightning.training.monitor import StepMonitor
 from ddpm_lightning.training.optim import apply_settings, make_optimizer
+from ddpm_lightning.training.posthoc import PosthocProfiles
 from ddpm_lightning.training.rng import collect_rng_states, fold_rank_into_rng, set_rng_states
 
 # The EMA copy is in eval mode on purpose; Lightning warns about any module in eval mode.
@@ -43,6 +44,11 @@ class DDPM(L.LightningModule):
             original code (so the very first update uses lr = 0 when warmup_steps > 0).
         ema_decay: the EMA decay (0.9999 in the paper); 0 disables averaging (EMA = weights).
         use_ema: evaluate and sample with the EMA weights (default) or with the raw ones.
+        ema: "plain" (the EMA of ``ema_decay``, the paper's) or "posthoc": also track
+            power-function EMA profiles (``posthoc``: ``sigma_rels``, ``every_n_steps``;
+            ``training/posthoc.py``) and save their snapshots in ``RUN/posthoc_ema/``, from
+            which ``tools/posthoc_ema.py`` makes the EMA of any length after training. The
+            plain EMA still serves evaluation during training.
         sampler: default sampling settings for grids and evaluation (see ``samplers.sample``).
         timesteps: how t is drawn (see ``timesteps.py``): ``{"sampler": "uniform"}`` (the
             paper, the default) or ``{"sampler": "loss_aware", "history": 10,
@@ -88,6 +94,8 @@ class DDPM(L.LightningModule):
         warmup_steps: int = 5000,
         ema_decay: float = 0.9999,
         use_ema: bool = True,
+        ema: str = "plain",
+        posthoc: Mapping | None = None,
         sampler: Mapping | None = None,
         timesteps: Mapping | None = None,
         run_config: Mapping | None = None,
@@ -122,12 +130,18 @@ class DDPM(L.LightningModule):
             "hybrid_lambda": hybrid_lambda, "loss_weight": loss_weight,
             "min_snr_gamma": min_snr_gamma, "lr": lr, "adam_betas": adam_betas,
             "adam_eps": adam_eps, "weight_decay": weight_decay, "warmup_steps": warmup_steps,
-            "ema_decay": ema_decay, "use_ema": use_ema, "sampler": sampler or {},
+            "ema_decay": ema_decay, "use_ema": use_ema, "ema": ema, "posthoc": posthoc or {},
+            "sampler": sampler or {},
             "timesteps": timesteps or {}, "run_config": run_config,
         }), ignore=["model", "betas"], logger=False)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(memory_format=fmt)
         self.ema_model = copy.deepcopy(model).eval().requires_grad_(False)
+        if ema not in ("plain", "posthoc"):
+            raise ValueError(f"module.ema={ema!r} is unknown; valid values: plain, posthoc")
+        # power-function EMA profiles for post-hoc EMA (in the checkpoint; snapshots saved)
+        self.posthoc = PosthocProfiles.from_config(self.model, posthoc) if ema == "posthoc" \
+            else None
         if compile:  # after the EMA copy; compiles __call__ in place, so no key changes
             self.model.compile(**({} if compile is True else {"mode": compile}))
         try:
@@ -150,6 +164,7 @@ class DDPM(L.LightningModule):
         self._paused = 0.0  # seconds of validation inside the current window (not training)
         self._flops: int | None = None  # training FLOPs per image
         self._own_rng_restored = False
+        self._posthoc_saved = -1  # the step of the last post-hoc EMA snapshot written
         self.monitor = StepMonitor(self.diffusion.num_timesteps)  # device-side checks
         self.progress_values: dict[str, float] = {}  # host numbers for the progress bar
 
@@ -229,6 +244,8 @@ class DDPM(L.LightningModule):
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         self.update_ema()
+        if self.posthoc is not None:  # Lightning counts this step after the hook
+            self.posthoc.update(self.global_step + 1, self.model)
         # Lightning counts this step after the hook: it is step global_step + 1. A check window
         # ends here, before the callbacks' batch-end work (checkpoints, grids, FID) at this
         # step, so that work never counts as training time.
@@ -236,7 +253,20 @@ class DDPM(L.LightningModule):
             sync_device(self.device)
             self._window_end = time.perf_counter()
 
+    def save_posthoc_snapshot(self) -> None:
+        """A post-hoc EMA snapshot at this step (rank 0 writes; a failure there ends every
+        rank, see ``on_rank_zero``)."""
+        from ddpm_lightning.training.distributed import on_rank_zero
+
+        step, run_dir = self.global_step, self.trainer.default_root_dir
+        on_rank_zero(f"saving the post-hoc EMA snapshot at step {step}",
+                     self.posthoc.save, run_dir, step)
+        self._posthoc_saved = step
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.posthoc is not None and self.global_step % self.posthoc.every_n_steps == 0 \
+                and self.global_step != self._posthoc_saved:
+            self.save_posthoc_snapshot()
         # a host tensor: a Python number would be copied to the device (a sync) at every step
         self.log("train/lr", torch.tensor(float(self.trainer.optimizers[0].param_groups[0]["lr"])))
         if self.global_step % self.check_every_n_steps == 0 and \
@@ -366,6 +396,8 @@ class DDPM(L.LightningModule):
         checksums)."""
         self.raise_if_nonfinite()
         self._log_window(self.monitor.flush_losses())
+        if self.posthoc is not None and self.global_step != self._posthoc_saved:
+            self.save_posthoc_snapshot()  # the last step, whatever the period
         if self.trainer.world_size <= 1:
             return
         with torch.no_grad():
