@@ -261,3 +261,30 @@ def test_compose_keeps_an_initialised_hydra():
         rc = convert.compose_run_config("cifar10_ddpm")
         assert compose(config_name="train").name == "cpu_embedded"  # still usable
     assert rc["model"]["_target_"] == "ddpm_lightning.core.unet.UNet"
+
+
+def test_a_pipeline_scheduler_sets_v_prediction_and_zero_terminal_snr(reference, tmp_path):
+    """A diffusers pipeline folder (unet/ and scheduler/): its scheduler's prediction_type,
+    schedule, T and rescale_betas_zero_snr become the run config's; an override that
+    contradicts it, or a schedule with no equivalent here, is refused in one line."""
+    from diffusers import DDPMScheduler
+
+    model, *_ = reference
+    src = tmp_path / "pipeline"
+    model.save_pretrained(src / "unet")
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="v_prediction",
+                  rescale_betas_zero_snr=True).save_pretrained(src / "scheduler")
+    assert convert.scheduler_overrides(src) == [
+        "module.parameterization=v", "schedule=linear", "schedule.T=1000",
+        "schedule.rescale_zero_terminal_snr=true", "schedule.beta_start=0.0001",
+        "schedule.beta_end=0.02"]
+    out = convert.convert(src, tmp_path / "v.ckpt")
+    run_config = torch.load(out, weights_only=True)["hyper_parameters"]["run_config"]
+    assert run_config["module"]["parameterization"] == "v"
+    assert run_config["schedule"]["rescale_zero_terminal_snr"] is True
+    with pytest.raises(ValueError, match="module.parameterization=eps contradicts the diffusers "
+                                         "scheduler config"):
+        convert.convert(src, tmp_path / "x.ckpt", overrides=["module.parameterization=eps"])
+    DDPMScheduler(beta_schedule="scaled_linear").save_pretrained(src / "scheduler")
+    with pytest.raises(ValueError, match="beta_schedule='scaled_linear' has no equivalent"):
+        convert.scheduler_overrides(src)

@@ -169,11 +169,61 @@ def write_checkpoint(our_state_dict: Mapping[str, torch.Tensor], path: str | os.
     return path
 
 
+# diffusers' scheduler settings → ours: (our key, {their value: ours} or None for the same value)
+SCHEDULER_KEYS = {
+    "prediction_type": ("module.parameterization",
+                        {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}),
+    "beta_schedule": ("schedule", {"linear": "linear", "squaredcos_cap_v2": "cosine"}),
+    "num_train_timesteps": ("schedule.T", None),
+    "rescale_betas_zero_snr": ("schedule.rescale_zero_terminal_snr", None),
+}
+
+
+def scheduler_overrides(src: str | os.PathLike) -> list[str]:
+    """The overrides a diffusers pipeline folder's ``scheduler/scheduler_config.json`` implies:
+    the prediction type (ε, v or x_0), the schedule (linear with its β range, or cosine), T and
+    the zero-terminal-SNR rescaling; [] for a model folder or a weights file. A setting we have
+    no equivalent for is refused in one line."""
+    import json
+
+    path = Path(src).expanduser() / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return []
+    config = json.loads(path.read_text())
+    out = []
+    for theirs, (ours, mapping) in SCHEDULER_KEYS.items():
+        if theirs not in config:
+            continue
+        value = config[theirs]
+        if mapping is not None:
+            if value not in mapping:
+                raise ValueError(f"{path}: {theirs}={value!r} has no equivalent here; supported: "
+                                 f"{', '.join(mapping)}")
+            value = mapping[value]
+        out.append(f"{ours}={str(value).lower() if isinstance(value, bool) else value}")
+    if config.get("beta_schedule", "linear") == "linear":
+        out += [f"schedule.{k}={config[k]}" for k in ("beta_start", "beta_end") if k in config]
+    return out
+
+
+def _merge_overrides(implied: Sequence[str], given: Sequence[str]) -> list[str]:
+    """``implied`` then ``given``; a key both set to different values is refused."""
+    said = dict(o.split("=", 1) for o in given if "=" in o)
+    for item in implied:
+        key, value = item.split("=", 1)
+        if key in said and said[key] != value:
+            raise ValueError(f"{key}={said[key]} contradicts the diffusers scheduler config "
+                             f"({key}={value}); drop the override")
+    return [*implied, *given]
+
+
 def convert(src: str | os.PathLike, out: str | os.PathLike,
             experiment: str = DEFAULT_EXPERIMENT, overrides: Sequence[str] = ()) -> Path:
     """``src`` (diffusers folder or weights file) → our checkpoint at ``out``, for
-    ``experiment`` (whose ``model`` config must match the weights)."""
-    run_config = compose_run_config(experiment, overrides)
+    ``experiment`` (whose ``model`` config must match the weights). A pipeline folder's
+    scheduler config sets the parameterization and schedule (``scheduler_overrides``)."""
+    run_config = compose_run_config(experiment, _merge_overrides(scheduler_overrides(src),
+                                                                  overrides))
     state_dict, diff_config, weights_file = load_diffusers_weights(src)
     if diff_config is not None:
         check_diffusers_config(diff_config, run_config["model"])
