@@ -169,6 +169,8 @@ def summary(hist: dict[str, list], job: Path | None = None) -> dict:
            "final_kid_std": _last(hist, "eval/kid_std", "val/kid_std")[1],
            "final_bpd": bpd, "final_bpd_se": _last(hist, "eval/bpd_se")[1],
            "final_loss": float(np.mean([v for _, v in loss[-50:]])) if loss else None,
+           "eval_seconds": sum(v for _, v in hist.get("eval/seconds")
+                               or hist.get("val/fid_seconds") or []),
            "last_step": max((s for v in hist.values() for s, _ in v), default=None)}
     if job is not None:
         from omegaconf import OmegaConf
@@ -199,16 +201,18 @@ def run(sweep: Path, out: Path, baseline: str | None = None) -> Path:
     differences = pairs(grouped, {j.name: summaries[j] for j in jobs}, base)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Sweep {sweep}", "", f"{len(jobs)} jobs; each named by what differs.", "",
-             "| job | best FID | at step | final bits/dim | final loss (last 50 steps) |",
-             "|---|---|---|---|---|"]
+             "| job | best FID | at step | final bits/dim | final loss (last 50 steps) | "
+             "evaluation |", "|---|---|---|---|---|---|"]
     for job in jobs:
         s = summaries[job]
         bpd = _fmt(s["final_bpd"], 4) + ("" if s["final_bpd_se"] is None
                                          else f" ± {s['final_bpd_se']:.4f}")
         lines.append(f"| {names[job]} | {_fmt(s['best_fid'])} | "
                      f"{s['best_fid_step'] if s['best_fid_step'] is not None else '–'} | "
-                     f"{bpd} | {_fmt(s['final_loss'], 4)} |")
-    lines.append("")
+                     f"{bpd} | {_fmt(s['final_loss'], 4)} | {s['eval_seconds']:.0f} s |")
+    total = sum(summaries[j]["eval_seconds"] for j in jobs)
+    lines += ["", f"Evaluation took {total:.0f} s over the {len(jobs)} jobs "
+              "(eval/seconds, summed).", ""]
     lines += ["Settings over their seeds, at the last evaluation: the mean and its 95% "
               "Student-t interval (summary.json has the numbers).", "",
               "| settings | seeds | best FID | final FID | final KID | final bits/dim | final loss |",
