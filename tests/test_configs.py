@@ -75,6 +75,20 @@ def test_paper_recipe_is_exact():
     assert cfg.data.dataset == "cifar10"
 
 
+@pytest.mark.parametrize("experiment", ["cifar10_ddpm", "cifar10_ddpm_vlb", "celebahq256_ddpm",
+                                        "lsun_church256_ddpm", "cifar10_table2"])
+def test_paper_recipes_keep_the_2020_recipe(experiment):
+    """The newer parts (v-prediction, min-SNR weighting, zero terminal SNR, post-hoc EMA) are
+    off in every paper recipe, Table 2's rows included."""
+    rows = ["+ablation=mu_vlb_learned", "+ablation=eps_simple"] \
+        if experiment == "cifar10_table2" else [None]
+    for row in rows:
+        cfg = _compose(f"experiment={experiment}", *([row] if row else []))
+        assert cfg.module.parameterization in ("eps", "mu")
+        assert cfg.module.loss_weight == "none" and cfg.module.ema == "plain"
+        assert cfg.schedule.rescale_zero_terminal_snr is False
+
+
 @pytest.mark.parametrize("experiment", ["cpu_embedded", "fashion_mnist_cpu"])
 def test_cpu_recipes_sample_with_the_fast_default(experiment):
     """module.sampler (grids, sample.py) of the CPU recipes is the study's best sampler per
