@@ -42,10 +42,12 @@ def test_table_plot_grids_and_reuse(study, monkeypatch):
     for key, e in entries.items():
         assert f"{e['sampler']}@{e['nfe']}" == key and e["n"] == 6
         assert np.isfinite(e["fid"]) and e["fid"] > 0 and e["ms_per_image_nfe"] > 0
+        assert e["speckle"] in [k / 6 for k in range(7)]  # a share of the 6 samples
     table = (out / "results.md").read_text()
     assert "| sampler | 2 NFE | 5 NFE | 50 NFE |" in table
     ddim_row = next(line for line in table.splitlines() if line.startswith("| ddim"))
     assert ddim_row.endswith("| – |")  # ddim is not run at the long NFE
+    assert f"({entries['ddim0@2']['speckle']:.0%})" in ddim_row
     for name in ("fid_vs_nfe.png", "grids.png", "grid_ddpm_small.png", "grid_ddim0.png"):
         assert Image.open(out / name).size[0] > 0
     # one 16×16 row (plus padding) per NFE: ddpm has three, the others two
@@ -115,3 +117,20 @@ def test_inference_net_gives_the_network_output(bf16):
     err = (got - want).abs().max().item() / want.abs().max().item()
     assert err < (3e-2 if bf16 else 1e-5)
     assert err > 1e-4 if bf16 else True  # bf16 really ran: its round-off shows
+
+
+def test_speckle_share_counts_samples_rougher_than_every_real_image():
+    from ddpm_lightning.metrics.speckle import speckle_share, speckle_threshold, total_variation
+
+    ramp = torch.linspace(0, 255, 16).round().to(torch.uint8)
+    real = ramp.view(1, 1, 1, 16).expand(10, 1, 16, 16).clone()  # smooth images
+    real[:, :, :, ::5] = 0  # a few edges, differing between images
+    real[3, :, 2] = 255
+    threshold = speckle_threshold(real)
+    g = torch.Generator().manual_seed(0)
+    noisy = torch.randint(0, 256, (4, 1, 16, 16), generator=g, dtype=torch.uint8)
+    samples = torch.cat([real[:6], noisy])
+    assert speckle_share(samples, threshold) == pytest.approx(0.4)
+    as_float = real.float() / 127.5 - 1
+    assert torch.allclose(total_variation(as_float), total_variation(real))
+

@@ -25,6 +25,7 @@ import torch
 
 from ddpm_lightning.core.pixels import to_model_range
 from ddpm_lightning.core.samplers import sample
+from ddpm_lightning.metrics.speckle import total_variation
 from ddpm_lightning.training.checkpoint import load_module
 from ddpm_lightning.training.data import DiffusionDataModule
 
@@ -41,13 +42,6 @@ VARIANTS = {
     "dpm-solver++ ODE": dict(sampler="dpm_solver"),
     "dpm-solver++ SDE": dict(sampler="dpm_solver", sde=True),
 }
-
-
-def total_variation(x: torch.Tensor) -> torch.Tensor:
-    """Per image: mean |x[i, j+1] − x[i, j]| and |x[i+1, j] − x[i, j]|, images in [−1, 1]."""
-    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).mean(1)
-    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(1)
-    return (dx + dy) / 2
 
 
 def eps_stats(net, diffusion, x0, ts=(999, 900, 500, 100, 10, 0)) -> list[dict]:

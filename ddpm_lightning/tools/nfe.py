@@ -8,7 +8,9 @@ x_T for every sampler (``generate``'s seeding: x_T of batch k comes first from t
 seeded by (seed, k), as in sample.py), and computes their FID against the reference statistics
 of ``--ref-split`` (cached; see ``reference.reference_stats``). It writes into DIR:
 
-  results.json     every entry with its FID, N, sampler settings and sampling time; entries
+  results.json     every entry with its FID, its speckle share (``metrics.speckle``: samples
+                   rougher than every one of 1,000 held-out images), N, sampler settings and
+                   sampling time; entries
                    already there (same checkpoint, N, seed, settings) are reused, so an
                    interrupted study continues where it stopped;
   results.md       the table, samplers × NFE;
@@ -65,7 +67,8 @@ def plan(samplers, nfes, long_nfe) -> list[tuple[str, int]]:
 
 
 def markdown_table(results: dict, samplers, nfes) -> str:
-    """Samplers (rows) × NFE (columns); the best FID of each column in bold; "–" = not run."""
+    """Samplers (rows) × NFE (columns): FID (and the share of speckled samples); the best FID
+    of each column in bold; "–" = not run."""
     best = {}
     for n in nfes:
         values = [results[entry_key(s, n)]["fid"] for s in samplers if entry_key(s, n) in results]
@@ -80,7 +83,8 @@ def markdown_table(results: dict, samplers, nfes) -> str:
                 cells.append("–")
             else:
                 cell = f"{entry['fid']:.1f}"
-                cells.append(f"**{cell}**" if entry["fid"] == best[n] else cell)
+                cell = f"**{cell}**" if entry["fid"] == best[n] else cell
+                cells.append(cell + (f" ({entry['speckle']:.0%})" if "speckle" in entry else ""))
         lines.append(f"| {SAMPLERS[s][0]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -174,6 +178,7 @@ def run(args: argparse.Namespace) -> dict:
     from ddpm_lightning.core.samplers import SamplerSettings
     from ddpm_lightning.metrics import fid as fidlib
     from ddpm_lightning.metrics.reference import reference_stats
+    from ddpm_lightning.metrics.speckle import speckle_share, speckle_threshold
     from ddpm_lightning.training.checkpoint import load_module
     from ddpm_lightning.training.data import DiffusionDataModule
 
@@ -192,6 +197,10 @@ def run(args: argparse.Namespace) -> dict:
                                   if k != "_target_"})
     ref = reference_stats(data, split=args.ref_split, max_images=args.ref_max_images,
                           device=device, weights_path=args.weights_path)
+    data.setup("fit")
+    held_out = data.val_set
+    threshold = speckle_threshold(torch.stack([held_out[i] for i in
+                                               range(min(1000, len(held_out)))]))
     meta = {"ckpt": str(Path(args.ckpt).resolve()), "global_step": ckpt.get("global_step"),
             "n": args.n, "seed": args.seed, "batch_size": args.batch_size,
             "ref_split": args.ref_split, "ref_max_images": args.ref_max_images,
@@ -205,7 +214,7 @@ def run(args: argparse.Namespace) -> dict:
         key = entry_key(s, n)
         bar.set_postfix_str(key)
         row_path = rows / f"{key}.png"
-        if key in entries and (row_path.is_file() or not args.grid):
+        if key in entries and "speckle" in entries[key] and (row_path.is_file() or not args.grid):
             continue
         t0 = time.perf_counter()
         _, images = generate(net, module.diffusion, args.n, args.batch_size, shape,
@@ -220,8 +229,10 @@ def run(args: argparse.Namespace) -> dict:
             entries[key] = {"sampler": s, "nfe": n, "fid": value, "n": args.n,
                             "sample_seconds": round(seconds, 1),
                             "ms_per_image_nfe": round(1e3 * seconds / (args.n * n), 3)}
-            save_results(results_path, meta, entries)
-        tqdm.write(f"{key:18s} FID {entries[key]['fid']:7.2f}  sampling {seconds:6.0f} s")
+        entries[key]["speckle"] = speckle_share(images, threshold)
+        save_results(results_path, meta, entries)
+        tqdm.write(f"{key:18s} FID {entries[key]['fid']:7.2f}  speckled "
+                   f"{entries[key]['speckle']:5.1%}  sampling {seconds:6.0f} s")
     write_report(args, entries, out)
     return entries
 
