@@ -93,6 +93,9 @@ def test_eval_with_an_empty_torch_hub_cache_builds_the_weights(tmp_path):
     (_, se), (_, kid), (_, kid_std) = (series(rows, k)[0] for k in
                                        ("eval/fid_se", "eval/kid", "eval/kid_std"))
     assert se > 0 and kid_std > 0 and kid > 2 * kid_std  # an untrained model: far from data
+    (_, trained), (_, evaluating) = (series(rows, k)[0] for k in
+                                     ("eval/train_seconds", "eval/seconds"))
+    assert 0 < trained < 120 and evaluating > 0
     with np.load(next((tmp_path / "stats").glob("*.npz"))) as f:
         assert f["features"].shape == (16, 2048)
     # each held-out image's bits/dim, kept for paired comparisons: their mean is eval/bpd

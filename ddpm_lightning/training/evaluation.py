@@ -311,7 +311,8 @@ class EvalCallback(FIDCallback):
       jobs compare image by image (paired);
     * ``eval/vb_band{k}``: stratum k's share of the bound, so that schedules compare where
       they differ in t;
-    * ``eval/seconds``, the whole evaluation.
+    * ``eval/seconds``, the whole evaluation, and ``eval/train_seconds``, the wall-clock
+      training time so far without the evaluations (kept across resumes).
 
     Under W&B it declares the ``eval/*`` keys against ``trainer/global_step``, keeps the best
     (lowest) ``eval/fid``, ``eval/kid`` and ``eval/bpd`` in the run summary, and ``eval/best_fid_step``."""
@@ -331,6 +332,7 @@ class EvalCallback(FIDCallback):
         self.nll_images, self.nll_timesteps = nll_images, nll_timesteps
         self.nll_batch_size = nll_batch_size
         self.best: tuple[float, int] | None = None  # (FID, step)
+        self._trained, self._clock = 0.0, None  # training seconds before the clock
 
     def check_module(self, pl_module) -> None:
         from ddpm_lightning.core.likelihood import strata
@@ -352,14 +354,33 @@ class EvalCallback(FIDCallback):
                 exp.define_metric("eval/bpd", summary="min")
                 exp.define_metric("eval/kid", summary="min")
 
+    # ----------------------------------------- training time, evaluations excluded
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._clock = time.perf_counter()  # the training time so far is self._trained
+
+    def train_seconds(self) -> float:
+        """Wall-clock seconds of training so far in this run (resumes included), without the
+        evaluations: the x axis of FID against training time."""
+        clock = getattr(self, "_clock", None)
+        return self._trained + (0.0 if clock is None else time.perf_counter() - clock)
+
+    def state_dict(self) -> dict:
+        return {"train_seconds": self.train_seconds()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._trained = float(state_dict.get("train_seconds", 0.0))
+
     def run(self, trainer, pl_module) -> dict:
+        trained = self.train_seconds()
         start = time.perf_counter()
         fid = self.evaluate(trainer, pl_module)
         cuda = [pl_module.device] if pl_module.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
             nll = self.evaluate_nll(trainer, pl_module)
         step = trainer.global_step
-        metrics = {**nll, "eval/seconds": time.perf_counter() - start}
+        metrics = {**nll, "eval/seconds": time.perf_counter() - start,
+                   "eval/train_seconds": trained}
+        self._trained, self._clock = trained, time.perf_counter()  # the evaluation is not counted
         if self.best is None or fid < self.best[0]:
             self.best = (fid, step)
         trainer.callback_metrics["eval/best_fid"] = torch.tensor(self.best[0])
