@@ -10,7 +10,7 @@ import numpy as np
 from ddpm_lightning.metrics.intervals import normal_interval, t_interval
 
 
-def _figure(ncols: int, size):
+def figure(ncols: int, size):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,7 +20,7 @@ def _figure(ncols: int, size):
     return fig, list(np.atleast_1d(axes))
 
 
-def _save(fig, axes, path: Path) -> None:
+def save_figure(fig, axes, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     for ax in axes:
@@ -35,7 +35,7 @@ def plot_t_bands(hist: dict, names: dict, path: Path) -> bool:
     """The bound per t-band at the last evaluation and the loss per quarter of t, per job."""
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = _figure(2, (10, 3.8))
+    fig, axes = figure(2, (10, 3.8))
     drawn = False
     for job, name in names.items():
         h = hist[job]
@@ -56,7 +56,7 @@ def plot_t_bands(hist: dict, names: dict, path: Path) -> bool:
                 title="training loss per quarter of t, last window")
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    _save(fig, axes, path)
+    save_figure(fig, axes, path)
     return drawn
 
 
@@ -66,7 +66,7 @@ def plot_schedules(jobs: dict[Path, str], path: Path) -> None:
 
     from ddpm_lightning.core.schedules import make_beta_schedule
 
-    fig, axes = _figure(2, (10, 3.8))
+    fig, axes = figure(2, (10, 3.8))
     for job, name in jobs.items():
         schedule = OmegaConf.to_container(OmegaConf.load(job / "config.yaml").schedule)
         schedule.pop("_target_", None)
@@ -76,7 +76,7 @@ def plot_schedules(jobs: dict[Path, str], path: Path) -> None:
         axes[1].plot(np.log(abar / (1 - abar)), label=name)
     axes[0].set(xlabel="t", ylabel="ᾱ_t", title="ᾱ_t")
     axes[1].set(xlabel="t", ylabel="log SNR", title="log-SNR(t) = log ᾱ_t / (1 − ᾱ_t)")
-    _save(fig, axes, path)
+    save_figure(fig, axes, path)
 
 
 def band_series(group_jobs: list, hist: dict, key: str, se_key: str | None) -> list[tuple]:
@@ -103,7 +103,7 @@ def plot_bands(bands: dict[str, list[tuple]], path: Path, ylabel: str, title: st
     """One line per setting (the mean over its seeds) and its shaded 95% band."""
     if not any(bands.values()):
         return False
-    fig, (ax,) = _figure(1, (6.5, 4))
+    fig, (ax,) = figure(1, (6.5, 4))
     for name, rows in bands.items():
         if not rows:
             continue
@@ -113,5 +113,5 @@ def plot_bands(bands: dict[str, list[tuple]], path: Path, ylabel: str, title: st
             ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set(xlabel="step", ylabel=ylabel)
     ax.set_title(title, fontsize=9)
-    _save(fig, [ax], path)
+    save_figure(fig, [ax], path)
     return True

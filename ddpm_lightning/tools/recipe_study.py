@@ -1,0 +1,227 @@
+"""The study that chooses the CPU recipe: variants trained for the same wall-clock budget, then
+scored the same way.
+
+    python -m ddpm_lightning.tools.recipe_study OUT [--minutes 20] [--seeds 0 1]
+        [--variants today v v_zt today_minsnr v_minsnr v_zt_minsnr] [--n 1000] [--nfe 20 50]
+        [--posthoc 0.05 0.1 0.2] [--experiment fashion_mnist_cpu] [OVERRIDE ...]
+
+For each variant and seed it trains ``train.py experiment=EXPERIMENT`` with the variant's
+overrides for ``--minutes`` of wall-clock time (``trainer.max_time``; evaluations included,
+the same for every variant), with ``callbacks=eval`` (FID against training time) and
+``module.ema=posthoc`` (snapshots for the EMA length afterwards), into ``OUT/runs/NAME_sSEED``.
+Then it scores each run's EMA weights with ``tools/nfe`` (``--n`` samples against the test
+split at each ``--nfe``, with SDE-DPM-Solver++, DDIM η = 0 and the DPM-Solver++ ODE, and each
+entry's speckle share), and, with ``--posthoc``, the best variant again at each σ_rel
+(``tools/posthoc_ema``). It writes ``OUT/report.md`` and ``OUT/summary.json`` (each variant's
+mean and 95% interval over its seeds), ``OUT/fid_vs_time.png`` and ``OUT/grids.png`` (the
+deterministic samplers' rows of each variant, seed 0). Finished runs and scored entries are
+reused, so a stopped study continues where it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from ddpm_lightning.metrics.intervals import t_interval
+
+VARIANTS = {
+    "today": [],
+    "v": ["module.parameterization=v"],
+    "v_zt": ["module.parameterization=v", "schedule.rescale_zero_terminal_snr=true"],
+    "today_minsnr": ["module.loss_weight=min_snr"],
+    "v_minsnr": ["module.parameterization=v", "module.loss_weight=min_snr"],
+    "v_zt_minsnr": ["module.parameterization=v", "schedule.rescale_zero_terminal_snr=true",
+                    "module.loss_weight=min_snr"],
+    "today_bf16": ["trainer.precision=bf16-mixed"],
+    "v_zt_bf16": ["module.parameterization=v", "schedule.rescale_zero_terminal_snr=true",
+                  "trainer.precision=bf16-mixed"],
+}
+SAMPLERS = ("dpm_sde", "ddim0", "dpm_ode")  # stochastic, and the two deterministic ones
+DONE = "study_done.json"
+
+
+def max_time(minutes: float) -> str:
+    """Lightning's DD:HH:MM:SS for a budget in minutes (at least one second)."""
+    seconds = max(1, round(minutes * 60))
+    return f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def train(run: Path, experiment: str, overrides: list[str], seed: int, minutes: float,
+          eval_every: int) -> None:
+    """Train one variant for the budget, unless ``run`` holds a finished one."""
+    from ddpm_lightning.app import CONF_DIR
+
+    if (run / DONE).is_file():
+        return
+    script = CONF_DIR.parent / "train.py"
+    if not script.is_file():
+        raise FileNotFoundError(f"no train.py next to {CONF_DIR}; run from a checkout")
+    cmd = [sys.executable, str(script), f"experiment={experiment}", *overrides, f"seed={seed}",
+           "logger=csv", "callbacks=eval", f"callbacks.eval.every_n_steps={eval_every}",
+           "module.ema=posthoc", "trainer.max_steps=100000000",
+           f"++trainer.max_time={max_time(minutes)}", f"hydra.run.dir={run}"]
+    print(f"training {run.name}: {' '.join(cmd[2:])}", flush=True)
+    proc = subprocess.run(cmd, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training {run.name} failed (exit {proc.returncode}); its output "
+                           f"is in {run}/train.log")
+    (run / DONE).write_text(json.dumps({"overrides": overrides, "minutes": minutes}) + "\n")
+
+
+def score(ckpt: Path, out: Path, n: int, nfes: list[int], extra: list[str]) -> dict:
+    """``tools/nfe`` entries of one checkpoint (reused when already there)."""
+    from ddpm_lightning.tools import nfe
+
+    args = nfe.parse_args([str(ckpt), "--out", str(out), "--n", str(n), "--nfe",
+                           *map(str, nfes), "--long-nfe", "0", "--samplers", *SAMPLERS,
+                           "--ref-split", "test", "--no-progress", *extra])
+    return nfe.run(args)
+
+
+def eval_history(run: Path) -> list[tuple[float, float]]:
+    """(training seconds, FID) of a run's evaluations, from its CSV log."""
+    from ddpm_lightning.tools.compare import history
+
+    hist = history(run)
+    seconds = dict(hist.get("eval/train_seconds") or [])
+    return [(seconds[s], fid) for s, fid in hist.get("eval/fid") or [] if s in seconds]
+
+
+def summarize(results: dict[str, dict[int, dict]], steps: dict[str, list[int]]) -> dict:
+    """Per variant and entry (sampler@NFE): FID and speckle share, mean and interval over
+    seeds; and the optimizer steps each seed reached in the budget."""
+    out = {}
+    for variant, by_seed in results.items():
+        entries = {}
+        for key in {k for e in by_seed.values() for k in e}:
+            rows = [e[key] for e in by_seed.values() if key in e]
+            entries[key] = {"fid": t_interval([r["fid"] for r in rows]),
+                            "speckle": t_interval([r.get("speckle", float("nan"))
+                                                   for r in rows])}
+        out[variant] = {"seeds": sorted(by_seed), "steps": steps.get(variant, []),
+                        "entries": entries}
+    return out
+
+
+def _cell(entry: dict | None, what: str, fmt: str) -> str:
+    if entry is None:
+        return "–"
+    iv = entry[what]
+    text = format(iv["mean"], fmt)
+    if iv["low"] is not None:
+        text += f" [{format(iv['low'], fmt)}, {format(iv['high'], fmt)}]"
+    return text
+
+
+def write_report(out: Path, summary: dict, nfes: list[int], histories: dict, grids: dict,
+                 minutes: float) -> Path:
+    from ddpm_lightning.tools.compare_plots import figure, save_figure
+    from ddpm_lightning.tools.report import side_by_side
+
+    keys = [f"{s}@{n}" for n in nfes for s in SAMPLERS]
+    lines = [f"# Recipe study ({minutes:g} minutes of training per run)", "",
+             "FID of the EMA weights against the test split (mean over seeds, 95% interval "
+             "with 2+ seeds); the share of speckled samples below.", "",
+             "| variant | seeds | steps | " + " | ".join(keys) + " |",
+             "|---|---|---|" + "---|" * len(keys)]
+    for variant, s in summary.items():
+        trained = ", ".join(f"{n:,}" for n in s["steps"]) or "–"
+        lines.append(f"| {variant} | {len(s['seeds'])} | {trained} | "
+                     + " | ".join(_cell(s["entries"].get(k), "fid", ".1f") for k in keys) + " |")
+    lines += ["", "| variant | " + " | ".join(f"speckle {k}" for k in keys) + " |",
+              "|---|" + "---|" * len(keys)]
+    for variant, s in summary.items():
+        lines.append(f"| {variant} | "
+                     + " | ".join(_cell(s["entries"].get(k), "speckle", ".1%") for k in keys)
+                     + " |")
+    fig, axes = figure(1, (6.5, 4))
+    for variant, runs in histories.items():
+        for i, points in enumerate(runs):
+            if points:
+                axes[0].plot([t / 60 for t, _ in points], [f for _, f in points], marker="o",
+                             label=variant if i == 0 else None,
+                             color=f"C{list(histories).index(variant)}")
+    axes[0].set(xlabel="training minutes (evaluations excluded)", ylabel="FID (callbacks=eval)",
+                title="FID against training time, every seed")
+    save_figure(fig, axes, out / "fid_vs_time.png")
+    lines += ["", "![FID against training time](fid_vs_time.png)", ""]
+    if grids:
+        side_by_side(grids, out / "grids.png")
+        lines += ["Deterministic samplers, seed 0 (the same x_T in every row):", "",
+                  "![grids](grids.png)", ""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return report
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ddpm_lightning.tools.recipe_study",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("out")
+    p.add_argument("--minutes", type=float, default=20.0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS)[:6], choices=list(VARIANTS))
+    p.add_argument("--experiment", default="fashion_mnist_cpu")
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--nfe", type=int, nargs="+", default=[20, 50])
+    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--posthoc", type=float, nargs="*", default=[],
+                   help="σ_rel values to score the best variant at (post-hoc EMA)")
+    p.add_argument("--nfe-args", default="",
+                   help="extra arguments of tools/nfe, one string (--nfe-args='--batch-size 100')")
+    p.add_argument("overrides", nargs="*", default=[], help="overrides for every run")
+    args = p.parse_args(argv)
+    args.nfe_args = shlex.split(args.nfe_args)
+    out = Path(args.out)
+    import torch
+
+    results: dict[str, dict[int, dict]] = {}
+    steps: dict[str, list[int]] = {}
+    histories: dict[str, list] = {}
+    grids = {}
+    try:
+        for variant in args.variants:
+            for seed in args.seeds:
+                run = out / "runs" / f"{variant}_s{seed}"
+                train(run, args.experiment, [*VARIANTS[variant], *args.overrides], seed,
+                      args.minutes, args.eval_every)
+                entries = score(run / "checkpoints" / "last.ckpt", run / "nfe", args.n,
+                                args.nfe, args.nfe_args)
+                results.setdefault(variant, {})[seed] = entries
+                steps.setdefault(variant, []).append(int(torch.load(
+                    run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True,
+                    mmap=True)["global_step"]))
+                histories.setdefault(variant, []).append(eval_history(run))
+                row = run / "nfe" / "rows" / f"ddim0@{min(args.nfe)}.png"
+                if seed == args.seeds[0] and row.is_file():
+                    grids[f"{variant}: ddim η=0 @ {min(args.nfe)}"] = row
+        if args.posthoc:
+            key = f"dpm_sde@{min(args.nfe)}"
+            best = min(results, key=lambda v: sum(e[key]["fid"] for e in results[v].values()))
+            from ddpm_lightning.tools import posthoc_ema
+
+            for seed in args.seeds:
+                run = out / "runs" / f"{best}_s{seed}"
+                posthoc_ema.main([str(run), "--sigma-rel", *map(str, args.posthoc)])
+                for sigma in args.posthoc:
+                    for ckpt in (run / "posthoc_ema").glob(f"sigma_rel_{sigma:.3f}_step_*.ckpt"):
+                        results.setdefault(f"{best}+posthoc σ_rel={sigma}", {})[seed] = score(
+                            ckpt, run / f"nfe_posthoc_{sigma:.3f}", args.n, args.nfe,
+                            args.nfe_args)
+    except (RuntimeError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    report = write_report(out, summarize(results, steps), args.nfe, histories, grids,
+                          args.minutes)
+    print(f"wrote {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""python -m ddpm_lightning.tools.recipe_study on a tiny budget: two variants (today's recipe and
+v-prediction with a zero terminal SNR) trained for 12 s each, scored with the three samplers,
+post-hoc EMA on the better one, the report and its figures; a second call reuses everything."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from ddpm_lightning.tools import recipe_study
+
+from helpers import TINY
+
+
+def test_max_time_format():
+    assert recipe_study.max_time(20) == "00:00:20:00"
+    assert recipe_study.max_time(0.2) == "00:00:00:12"
+    assert recipe_study.max_time(90.5) == "00:01:30:30"
+
+
+@pytest.mark.slow
+def test_a_tiny_study_end_to_end(tmp_path, weights, monkeypatch):
+    monkeypatch.setenv("DDPM_FID_CACHE", str(tmp_path / "stats"))
+    out = tmp_path / "study"
+    tiny = [o for o in TINY if not o.startswith("logger=")]
+    argv = [str(out), *tiny, "callbacks.eval.num_samples=6", "callbacks.eval.batch_size=6",
+            "callbacks.eval.reference.max_images=16", "callbacks.eval.nll_images=8",
+            "callbacks.eval.nll_timesteps=4", "callbacks.eval.kid_subset_size=3",
+            "callbacks.eval.fid_bootstrap=0", "module.posthoc.every_n_steps=5",
+            "--experiment", "cpu_embedded", "--minutes", "0.2", "--variants", "today", "v_zt",
+            "--n", "6", "--nfe", "4", "--eval-every", "5", "--posthoc", "0.1",
+            f"--nfe-args=--batch-size 6 --ref-max-images 16 --grid 3 --weights-path {weights}"]
+    assert recipe_study.main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"today", "v_zt"} <= set(summary)
+    posthoc = [v for v in summary if "posthoc" in v]
+    assert len(posthoc) == 1 and posthoc[0].endswith("σ_rel=0.1")
+    for variant, s in summary.items():
+        assert set(s["entries"]) == {"dpm_sde@4", "ddim0@4", "dpm_ode@4"}, variant
+        for e in s["entries"].values():
+            assert e["fid"]["mean"] > 0 and 0 <= e["speckle"]["mean"] <= 1
+    for run in ("today_s0", "v_zt_s0"):
+        config = (out / "runs" / run / "config.yaml").read_text()
+        assert "max_time: 00:00:00:12" in config and "ema: posthoc" in config
+    assert "parameterization: v" in (out / "runs" / "v_zt_s0" / "config.yaml").read_text()
+    report = (out / "report.md").read_text()
+    assert "| today | 1 | " in report and "| v_zt | 1 | " in report
+    for variant in ("today", "v_zt"):  # the optimizer steps reached in the budget
+        assert len(summary[variant]["steps"]) == 1 and summary[variant]["steps"][0] > 0
+    for name in ("fid_vs_time.png", "grids.png"):
+        assert Image.open(out / name).width > 100
+    # a second call trains and samples nothing again
+    monkeypatch.setattr(recipe_study.subprocess, "run", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr("ddpm_lightning.core.generate.generate",
+                        lambda *a, **k: pytest.fail("sampled again"))
+    assert recipe_study.main(argv) == 0
