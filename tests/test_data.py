@@ -456,3 +456,25 @@ def test_lightning_fit_uses_the_hook_and_distributed_sampler_fits():
         assert new.batch_size == 16 and new.collate_fn is loader.collate_fn
         shards.append(torch.cat(list(new)))
     assert shards[0].shape == shards[1].shape == (2240, 1, 32, 32)
+
+
+def test_the_run_seed_sets_the_data_order_but_not_the_split():
+    """seed=1 (a seed sweep's second job) shuffles the training images differently, and holds
+    out the same images, so that evaluations compare on the same data."""
+    import ddpm_lightning.app  # noqa: F401  (config resolvers)
+    from helpers import compose
+
+    cfg = compose("train", "seed=3")
+    assert (cfg.data.seed, cfg.data.shuffle_seed) == (0, 3)
+    batches, held_out = [], []
+    for shuffle_seed in (0, 1):
+        dm = DiffusionDataModule("embedded", image_size=16, batch_size=8,
+                                 shuffle_seed=shuffle_seed)
+        dm.setup("fit")
+        batches.append(next(iter(dm.train_dataloader())))
+        held_out.append(dm.val_set.images)
+    assert not torch.equal(batches[0], batches[1])
+    assert torch.equal(held_out[0], held_out[1])
+    default = DiffusionDataModule("embedded", image_size=16, batch_size=8)
+    default.setup("fit")
+    assert torch.equal(next(iter(default.train_dataloader())), batches[0])  # None: seed

@@ -59,9 +59,13 @@ class DiffusionDataModule(LightningDataModule):
             ``batch_size * world_size``).
         num_workers: DataLoader workers (persistent when > 0).
         random_flip: random horizontal flip of training batches (on the device).
-        seed: seeds the train/val split, the shuffle order and the workers. The shuffle is
-            a function of (seed, epoch), dealt out over ranks under DDP, and the loader's
-            position in the epoch is kept in checkpoints (see ``ResumableDataLoader``).
+        seed: seeds the train/val split (and, unless ``shuffle_seed`` is given, the shuffle).
+        shuffle_seed: seeds the shuffle order and the workers (None: ``seed``). The shuffle is
+            a function of (shuffle_seed, epoch), dealt out over ranks under DDP, and the
+            loader's position in the epoch is kept in checkpoints (see
+            ``ResumableDataLoader``). The configs set it to the run's ``seed``, so that the
+            jobs of a seed sweep differ in their data order too, while the split, and so the
+            evaluation images, stay the same.
         val_fraction: fraction of ``embedded``/``folder`` held out for val/test
             (seeded). 0 means no hold-out: val/test then use the training images.
             ``mnist``/``fashion_mnist``/``cifar10`` always use their test split.
@@ -84,6 +88,7 @@ class DiffusionDataModule(LightningDataModule):
         num_workers: int = 0,
         random_flip: bool = False,
         seed: int = 0,
+        shuffle_seed: int | None = None,
         val_fraction: float = 0.1,
         download: bool = False,
         convert_channels: bool = False,
@@ -99,6 +104,7 @@ class DiffusionDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.random_flip = random_flip
         self.seed = seed
+        self.shuffle_seed = seed if shuffle_seed is None else shuffle_seed
         self.val_fraction = val_fraction
         self.download = download
         self.convert_channels = convert_channels
@@ -270,13 +276,13 @@ class DiffusionDataModule(LightningDataModule):
             pin_memory=on_cuda,
             collate_fn=ds.collate_images,
             worker_init_fn=seed_worker,
-            generator=torch.Generator().manual_seed(self.seed + (0 if train else 1)),
+            generator=torch.Generator().manual_seed(self.shuffle_seed + (0 if train else 1)),
         )
         if not train:
             return DataLoader(dataset, **kwargs)
         world = self._world_size()
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        sampler = EpochRandomSampler(dataset, self.seed, num_replicas=world, rank=rank)
+        sampler = EpochRandomSampler(dataset, self.shuffle_seed, num_replicas=world, rank=rank)
         device = self.trainer.strategy.root_device if self.trainer is not None else None
         if self.on_device is True or (self.on_device == "auto" and device is not None
                                       and device.type == "cuda"
