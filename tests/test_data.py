@@ -462,6 +462,7 @@ def test_the_run_seed_sets_the_data_order_but_not_the_split():
     """seed=1 (a seed sweep's second job) shuffles the training images differently, and holds
     out the same images, so that evaluations compare on the same data."""
     import ddpm_lightning.app  # noqa: F401  (config resolvers)
+
     from helpers import compose
 
     cfg = compose("train", "seed=3")
