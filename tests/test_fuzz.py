@@ -44,6 +44,8 @@ RULES = {
     "model.dropout": lambda v: _finite(v) and 0 <= v < 1,
     "model.image_size": lambda v: v == 16,  # must equal data.image_size
     "module.hybrid_lambda": lambda v: _finite(v) and v >= 0,
+    "module.min_snr_gamma": lambda v: _finite(v) and v > 0,
+    "module.posthoc.every_n_steps": int_ge(1),
     "module.lr": lambda v: _finite(v) and v > 0,
     "module.adam_eps": lambda v: _finite(v) and v > 0,
     "module.weight_decay": lambda v: _finite(v) and v >= 0,
@@ -61,6 +63,7 @@ RULES = {
     "data.batch_size": lambda v: _is_int(v) and 1 <= v <= 4500,  # 4,500 training images
     "data.num_workers": int_ge(0),
     "data.seed": ANY_INT,
+    "data.shuffle_seed": ANY_INT,
     "data.val_fraction": lambda v: _finite(v) and 0 <= v < 1,
     "trainer.devices": lambda v: _is_int(v) and 1 <= v <= (os.cpu_count() or 1),
     "trainer.max_steps": lambda v: _is_int(v) and (v >= 1 or v == -1),

@@ -102,6 +102,7 @@ def test_sigterm_mid_epoch_then_resume_auto(tmp_path):
     _assert_bit_equal(_losses(full), _losses(run), 12)
 
 
+@pytest.mark.slow  # two 12-step runs and a resume; the default path is in test_posthoc_ema
 def test_posthoc_ema_profiles_survive_a_mid_epoch_resume(tmp_path):
     """module.ema=posthoc: a run stopped at step 5 and resumed to 12 writes the same snapshots
     (steps 4, 8 and 12; 5 where it stopped) as a run never stopped, bit for bit."""
@@ -237,9 +238,9 @@ def test_resume_path_with_new_settings_trains_with_them_and_records_the_step(tmp
                        "changed": {"module.adam_eps": [1e-06, 1e-05],
                                    "module.lr": [0.001, 0.0005],
                                    "trainer.max_steps": [4, 8]},
-                       "not_applied": {"seed": [0, 1]}}]
-    assert "note: seed=0 (this run: 1) does not apply: a resume continues the checkpoint's " \
-           "random streams" in proc.stderr
+                       "not_applied": {"data.shuffle_seed": [0, 1], "seed": [0, 1]}}]
+    assert "note: seed=0 (this run: 1), data.shuffle_seed=0 (this run: 1) does not apply: a " \
+           "resume continues the checkpoint's random streams" in proc.stderr
     ckpt = __import__("torch").load(part / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["optimizer_states"][0]["param_groups"][0]["eps"] == 1e-5
 

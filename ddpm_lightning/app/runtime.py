@@ -236,8 +236,9 @@ NOT_SETTINGS = ("resume", "data.root", "data.num_workers", "data.on_device",
                 "trainer.log_every_n_steps", "trainer.strategy", "trainer.benchmark",
                 "module.compile", "module.channels_last", "module.check_every_n_steps",
                 "module.peak_tflops", "callbacks", "logger", "job_name", "optimized_metric")
-# A resume continues the checkpoint's random streams: a new seed does not apply.
-NOT_APPLIED_ON_RESUME = ("seed",)
+# A resume continues the checkpoint's random streams and its data order (a loader resumed
+# mid-epoch in another order would repeat and skip images): a new seed does not apply.
+NOT_APPLIED_ON_RESUME = ("seed", "data.shuffle_seed")
 
 
 def _flat(tree, prefix: str = "") -> dict:

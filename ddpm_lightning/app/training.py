@@ -56,8 +56,12 @@ def build(cfg: DictConfig, hc, run_dir: Path):
         runtime.check_same_run(ckpt["hyper_parameters"]["run_config"], cfg, resume_ckpt)
         check_fits(module, ckpt["state_dict"], "resume", resume_ckpt)
         module.timesteps.load_state_dict(ckpt.get("timestep_sampler") or {})  # fits this run?
+        resumed_data = ckpt["hyper_parameters"]["run_config"].get("data") or {}
         del ckpt
-    datamodule = instantiate(cfg.data)
+    data_kwargs = {}
+    if resume_ckpt is not None and "shuffle_seed" in cfg.data:  # the checkpoint's data order
+        data_kwargs["shuffle_seed"] = resumed_data.get("shuffle_seed", resumed_data.get("seed"))
+    datamodule = instantiate(cfg.data, **data_kwargs)
     datamodule.check_source()
     module.check_data(datamodule)
     callbacks = make_callbacks(cfg.get("callbacks"), run_dir / "checkpoints")

@@ -129,15 +129,14 @@ class GaussianDiffusion:
         self.variance = variance
         self.objective = objective
         self.hybrid_lambda = float(hybrid_lambda)
-        if loss_weight == "min_snr":
-            if objective == "vlb" or parameterization == "mu":
-                raise ValueError(
-                    "diffusion.loss_weight='min_snr' weights the squared error of ε, x_0 or v; "
-                    f"it does not apply to diffusion.objective={objective!r} with "
-                    f"diffusion.parameterization={parameterization!r}")
-            if not (math.isfinite(min_snr_gamma) and min_snr_gamma > 0):
-                raise ValueError(f"diffusion.min_snr_gamma={min_snr_gamma!r} must be finite "
-                                 "and > 0")
+        if isinstance(min_snr_gamma, bool) or not isinstance(min_snr_gamma, (int, float)) \
+                or not (math.isfinite(min_snr_gamma) and min_snr_gamma > 0):
+            raise ValueError(f"diffusion.min_snr_gamma={min_snr_gamma!r} must be finite and > 0")
+        if loss_weight == "min_snr" and (objective == "vlb" or parameterization == "mu"):
+            raise ValueError(
+                "diffusion.loss_weight='min_snr' weights the squared error of ε, x_0 or v; "
+                f"it does not apply to diffusion.objective={objective!r} with "
+                f"diffusion.parameterization={parameterization!r}")
         self.loss_weight, self.min_snr_gamma = loss_weight, float(min_snr_gamma)
 
         b = validate_betas(betas)

@@ -143,6 +143,10 @@ class DiffusionDataModule(LightningDataModule):
         if self.on_device is True and self.dataset == "folder":
             raise ValueError("data.on_device=true needs an in-memory dataset; data.dataset="
                              "'folder' reads its files in the loader (use on_device=false)")
+        for key in ("seed", "shuffle_seed"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"data.{key}={value!r} must be an integer")
         if not isinstance(self.val_fraction, (int, float)) or not 0 <= self.val_fraction < 1:
             raise ValueError(f"data.val_fraction={self.val_fraction!r} must be in [0, 1)")
 

@@ -34,29 +34,37 @@ class PosthocProfiles(nn.Module):
 
     def __init__(self, model: nn.Module, sigma_rels=(0.05, 0.10), every_n_steps: int = 1000):
         super().__init__()
-        sigma_rels = [float(s) for s in sigma_rels]
-        if not sigma_rels or len(set(sigma_rels)) != len(sigma_rels):
-            raise ValueError(f"module.posthoc.sigma_rels={sigma_rels} must be distinct values")
-        try:
-            self.gammas = [sigma_rel_to_gamma(s) for s in sigma_rels]
-        except ValueError as err:
-            raise ValueError(f"module.posthoc.{err}") from None
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) \
-                or every_n_steps < 1:
-            raise ValueError(f"module.posthoc.every_n_steps={every_n_steps!r} must be an "
-                             "integer >= 1")
-        self.sigma_rels, self.every_n_steps = sigma_rels, every_n_steps
+        self.check({"sigma_rels": sigma_rels, "every_n_steps": every_n_steps})
+        self.sigma_rels = [float(s) for s in sigma_rels]
+        self.gammas = [sigma_rel_to_gamma(s) for s in self.sigma_rels]
+        self.every_n_steps = every_n_steps
         self.models = nn.ModuleList(copy.deepcopy(model).eval().requires_grad_(False)
                                     for _ in sigma_rels)
 
-    @classmethod
-    def from_config(cls, model: nn.Module, settings: Mapping | None) -> PosthocProfiles:
+    @staticmethod
+    def check(settings: Mapping | None) -> dict:
+        """The ``module.posthoc`` settings, checked whether or not ``module.ema=posthoc``."""
         settings = dict(settings or {})
         unknown = set(settings) - {"sigma_rels", "every_n_steps"}
         if unknown:
             raise ValueError(f"module.posthoc.{min(unknown)} is unknown; valid: sigma_rels, "
                              "every_n_steps")
-        return cls(model, **settings)
+        every = settings.get("every_n_steps", 1000)
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"module.posthoc.every_n_steps={every!r} must be an integer >= 1")
+        sigma_rels = [float(s) for s in settings.get("sigma_rels", (0.05, 0.10))]
+        if not sigma_rels or len(set(sigma_rels)) != len(sigma_rels):
+            raise ValueError(f"module.posthoc.sigma_rels={sigma_rels} must be distinct values")
+        for s in sigma_rels:
+            try:
+                sigma_rel_to_gamma(s)
+            except ValueError as err:
+                raise ValueError(f"module.posthoc.{err}") from None
+        return settings
+
+    @classmethod
+    def from_config(cls, model: nn.Module, settings: Mapping | None) -> PosthocProfiles:
+        return cls(model, **cls.check(settings))
 
     @torch.no_grad()
     def update(self, step: int, model: nn.Module) -> None:
