@@ -267,7 +267,7 @@ def test_dpm_solver_matches_diffusers(diffusion, sde, steps, final):
     assert (ours - x).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("sde", [False, True])
+@pytest.mark.parametrize("sde", [False, pytest.param(True, marks=pytest.mark.slow)])  # 24 s each
 def test_dpm_solver_keeps_one_earlier_prediction_alive_whatever_the_step_count(diffusion, sde):
     """Memory does not grow with the step count: the network counts, at every call, the live
     tensors of the sample's shape (x_t, the last x̂_0 and the step's temporaries). A sampler that
