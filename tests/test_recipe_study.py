@@ -34,6 +34,9 @@ def test_a_tiny_study_end_to_end(tmp_path, weights, monkeypatch):
             f"--nfe-args=--batch-size 6 --ref-max-images 16 --grid 3 --weights-path {weights}"]
     assert recipe_study.main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
+    floor = summary.pop("real_floor")  # 6 real training images against the same reference
+    assert 0 < floor < min(e["fid"]["mean"] for v in summary.values()
+                           for e in v["entries"].values())
     assert {"today", "v_zt"} <= set(summary)
     posthoc = [v for v in summary if "posthoc" in v]
     assert len(posthoc) == 1 and posthoc[0].endswith("σ_rel=0.1")

@@ -83,6 +83,35 @@ def score(ckpt: Path, out: Path, n: int, nfes: list[int], extra: list[str]) -> d
     return nfe.run(args)
 
 
+def real_floor(out: Path, ckpt: Path, n: int, extra: list[str]) -> float:
+    """FID of ``n`` real training images (a fixed random subset) against the reference the
+    scores use (the test split, ``tools/nfe``'s settings): the floor a model's FID at this N can
+    reach. Cached in ``OUT/real_floor.json``."""
+    import torch
+
+    from ddpm_lightning.metrics.fid import compute_fid
+    from ddpm_lightning.metrics.reference import reference_stats
+    from ddpm_lightning.tools import nfe
+    from ddpm_lightning.training.checkpoint import read_checkpoint
+    from ddpm_lightning.training.data import DiffusionDataModule
+
+    cache = out / "real_floor.json"
+    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    if str(n) in known:
+        return known[str(n)]
+    a = nfe.parse_args([str(ckpt), "--out", str(out), "--n", str(n), *extra])
+    config = read_checkpoint(ckpt, key="ckpt")["hyper_parameters"]["run_config"]["data"]
+    data = DiffusionDataModule(**{k: v for k, v in config.items() if k != "_target_"})
+    ref = reference_stats(data, split="test", max_images=a.ref_max_images, device=a.device,
+                          weights_path=a.weights_path)
+    data.setup("fit")
+    pick = torch.randperm(len(data.train_set), generator=torch.Generator().manual_seed(0))[:n]
+    images = torch.stack([data.train_set[int(i)] for i in pick])
+    known[str(n)] = compute_fid(images, ref, device=a.device, weights_path=a.weights_path)
+    cache.write_text(json.dumps(known) + "\n")
+    return known[str(n)]
+
+
 def eval_history(run: Path) -> list[tuple[float, float]]:
     """(training seconds, FID) of a run's evaluations, from its CSV log."""
     from ddpm_lightning.tools.compare import history
@@ -119,14 +148,16 @@ def _cell(entry: dict | None, what: str, fmt: str) -> str:
 
 
 def write_report(out: Path, summary: dict, nfes: list[int], histories: dict, grids: dict,
-                 minutes: float) -> Path:
+                 minutes: float, floor: float | None = None, n: int | None = None) -> Path:
     from ddpm_lightning.tools.compare_plots import figure, save_figure
     from ddpm_lightning.tools.report import side_by_side
 
     keys = [f"{s}@{n}" for n in nfes for s in SAMPLERS]
     lines = [f"# Recipe study ({minutes:g} minutes of training per run)", "",
              "FID of the EMA weights against the test split (mean over seeds, 95% interval "
-             "with 2+ seeds); the share of speckled samples below.", "",
+             "with 2+ seeds); the share of speckled samples below."
+             + (f" {n:,} real training images score {floor:.1f} against the same reference: "
+                "the floor at this N." if floor is not None else ""), "",
              "| variant | seeds | steps | " + " | ".join(keys) + " |",
              "|---|---|---|" + "---|" * len(keys)]
     for variant, s in summary.items():
@@ -156,7 +187,8 @@ def write_report(out: Path, summary: dict, nfes: list[int], histories: dict, gri
                   "![grids](grids.png)", ""]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "summary.json").write_text(json.dumps({**summary, "real_floor": floor}, indent=1)
+                                      + "\n")
     return report
 
 
@@ -217,8 +249,10 @@ def main(argv=None) -> int:
     except (RuntimeError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    report = write_report(out, summarize(results, steps), args.nfe, histories, grids,
-                          args.minutes)
+    first = out / "runs" / f"{args.variants[0]}_s{args.seeds[0]}" / "checkpoints" / "last.ckpt"
+    floor = real_floor(out, first, args.n, args.nfe_args)
+    summary = summarize(results, steps)
+    report = write_report(out, summary, args.nfe, histories, grids, args.minutes, floor, args.n)
     print(f"wrote {report}")
     return 0
 
