@@ -80,12 +80,10 @@ def reconstruct(run: Path, sigma_rels: list[float], step: int | None = None,
     return target, states, {**fits, **refused}
 
 
-def write_checkpoint(run: Path, out: Path, sigma: float, target: int, state: dict,
+def write_checkpoint(ckpt: dict, run: Path, out: Path, sigma: float, target: int, state: dict,
                      fit) -> Path:
-    """The run's last.ckpt with ``ema_model`` replaced by ``state``; no optimizer state."""
-    from ddpm_lightning.training.checkpoint import read_checkpoint
-
-    ckpt = read_checkpoint(run / "checkpoints" / "last.ckpt", key="RUN")
+    """``ckpt`` (the run's last.ckpt) with ``ema_model`` replaced by ``state``; no optimizer
+    state."""
     sd = dict(ckpt["state_dict"])
     for name, value in state.items():
         key = f"ema_model.{name}"
@@ -118,12 +116,18 @@ def main(argv=None) -> int:
         target, states, fits = reconstruct(run, args.sigma_rel, args.step, args.max_residual)
         out = Path(args.out) if args.out else run / SNAPSHOT_DIR
         failed = False
+        template = None  # the run's last.ckpt, read once for every σ_rel written
         for sigma in args.sigma_rel:
             if isinstance(fits[sigma], str):
                 print(f"error: {fits[sigma]}", file=sys.stderr)
                 failed = True
                 continue
-            path = write_checkpoint(run, out, sigma, target, states[sigma], fits[sigma])
+            if template is None:
+                from ddpm_lightning.training.checkpoint import read_checkpoint
+
+                template = read_checkpoint(run / "checkpoints" / "last.ckpt", key="RUN")
+            path = write_checkpoint(template, run, out, sigma, target, states[sigma],
+                                    fits[sigma])
             print(f"σ_rel={sigma}: {path} (residual {fits[sigma][1]:.4f})")
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

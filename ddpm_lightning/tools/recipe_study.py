@@ -89,10 +89,10 @@ def real_floor(out: Path, ckpt: Path, n: int, extra: list[str]) -> float:
     reach. Cached in ``OUT/real_floor.json``."""
     import torch
 
+    from ddpm_lightning.app.runtime import saved_run_config
     from ddpm_lightning.metrics.fid import compute_fid
     from ddpm_lightning.metrics.reference import reference_stats
     from ddpm_lightning.tools import nfe
-    from ddpm_lightning.training.checkpoint import read_checkpoint
     from ddpm_lightning.training.data import DiffusionDataModule
 
     cache = out / "real_floor.json"
@@ -100,7 +100,10 @@ def real_floor(out: Path, ckpt: Path, n: int, extra: list[str]) -> float:
     if str(n) in known:
         return known[str(n)]
     a = nfe.parse_args([str(ckpt), "--out", str(out), "--n", str(n), *extra])
-    config = read_checkpoint(ckpt, key="ckpt")["hyper_parameters"]["run_config"]["data"]
+    run_config = saved_run_config(ckpt)  # memory-mapped: the weights are not read
+    if run_config is None:
+        raise ValueError(f"{ckpt} is not a readable ddpm-lightning checkpoint")
+    config = run_config["data"]
     data = DiffusionDataModule(**{k: v for k, v in config.items() if k != "_target_"})
     ref = reference_stats(data, split="test", max_images=a.ref_max_images, device=a.device,
                           weights_path=a.weights_path)

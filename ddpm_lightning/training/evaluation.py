@@ -87,15 +87,14 @@ class FIDCallback(SamplingCallback):
                  kid_subsets: int = 100, kid_subset_size: int = 1000):
         super().__init__(every_n_steps, on_train_end, key=f"{self.config_key}.every_n_steps",
                          sampler=sampler)
-        for key, value in (("num_samples", num_samples), ("batch_size", batch_size),
-                           ("inception_batch_size", inception_batch_size),
-                           ("kid_subsets", kid_subsets), ("kid_subset_size", kid_subset_size),
-                           ("fid_bootstrap", fid_bootstrap + 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                value = fid_bootstrap if key == "fid_bootstrap" else value
-                raise ValueError(f"{self.config_key}.{key}={value!r} must be a "
-                                 f"{'non-negative' if key == 'fid_bootstrap' else 'positive'} "
-                                 "integer")
+        for key, value, lo in (("num_samples", num_samples, 1), ("batch_size", batch_size, 1),
+                               ("inception_batch_size", inception_batch_size, 1),
+                               ("kid_subsets", kid_subsets, 1),
+                               ("kid_subset_size", kid_subset_size, 1),
+                               ("fid_bootstrap", fid_bootstrap, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                kind = "non-negative" if lo == 0 else "positive"
+                raise ValueError(f"{self.config_key}.{key}={value!r} must be a {kind} integer")
         if fid_bootstrap == 1:
             raise ValueError(f"{self.config_key}.fid_bootstrap=1: use 0 (none) or at least 2")
         if not isinstance(kid, bool):
@@ -361,8 +360,8 @@ class EvalCallback(FIDCallback):
     def train_seconds(self) -> float:
         """Wall-clock seconds of training so far in this run (resumes included), without the
         evaluations: the x axis of FID against training time."""
-        clock = getattr(self, "_clock", None)
-        return self._trained + (0.0 if clock is None else time.perf_counter() - clock)
+        running = 0.0 if self._clock is None else time.perf_counter() - self._clock
+        return self._trained + running
 
     def state_dict(self) -> dict:
         return {"train_seconds": self.train_seconds()}

@@ -140,9 +140,8 @@ class DDPM(L.LightningModule):
         if ema not in ("plain", "posthoc"):
             raise ValueError(f"module.ema={ema!r} is unknown; valid values: plain, posthoc")
         # power-function EMA profiles for post-hoc EMA (in the checkpoint; snapshots saved)
-        PosthocProfiles.check(posthoc)  # checked whatever module.ema says
-        self.posthoc = PosthocProfiles.from_config(self.model, posthoc) if ema == "posthoc" \
-            else None
+        settings = PosthocProfiles.check(posthoc)  # checked whatever module.ema says
+        self.posthoc = PosthocProfiles(self.model, **settings) if ema == "posthoc" else None
         if compile:  # after the EMA copy; compiles __call__ in place, so no key changes
             self.model.compile(**({} if compile is True else {"mode": compile}))
         try:

@@ -24,7 +24,8 @@ def snapshot_path(run_dir: str | Path, step: int) -> Path:
 
 class PosthocProfiles(nn.Module):
     """Copies of ``model``, one per σ_rel, each a power-function EMA of its weights (buffers
-    are copied), and the period of their snapshots.
+    are copied), and the period of their snapshots. The settings are checked by ``check``
+    (the module checks them whether or not it tracks profiles).
 
     Args (``module.posthoc`` in the config):
         sigma_rels: the relative widths tracked (Karras et al. 2024 track 0.05 and 0.10).
@@ -34,7 +35,6 @@ class PosthocProfiles(nn.Module):
 
     def __init__(self, model: nn.Module, sigma_rels=(0.05, 0.10), every_n_steps: int = 1000):
         super().__init__()
-        self.check({"sigma_rels": sigma_rels, "every_n_steps": every_n_steps})
         self.sigma_rels = [float(s) for s in sigma_rels]
         self.gammas = [sigma_rel_to_gamma(s) for s in self.sigma_rels]
         self.every_n_steps = every_n_steps
@@ -62,9 +62,6 @@ class PosthocProfiles(nn.Module):
                 raise ValueError(f"module.posthoc.{err}") from None
         return settings
 
-    @classmethod
-    def from_config(cls, model: nn.Module, settings: Mapping | None) -> PosthocProfiles:
-        return cls(model, **cls.check(settings))
 
     @torch.no_grad()
     def update(self, step: int, model: nn.Module) -> None:
