@@ -105,7 +105,8 @@ def _job(sweep, name, overrides, losses):
     job = sweep / name
     (job / ".hydra").mkdir(parents=True)
     (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-    (job / "config.yaml").write_text("schedule: {name: linear, T: 10, _target_: "
+    seed = next((o.split("=")[1] for o in overrides if o.startswith("seed=")), 0)  # as it ran
+    (job / "config.yaml").write_text(f"seed: {seed}\nschedule: {{name: linear, T: 10, _target_: "
                                      "ddpm_lightning.core.schedules.make_beta_schedule}\n")
     (job / "csv").mkdir()
     (job / "csv" / "metrics.csv").write_text(
@@ -128,19 +129,22 @@ def test_groups_are_settings_over_their_seeds(tmp_path):
     compare.main([str(sweep)])
     got = json.loads((sweep / "compare" / "summary.json").read_text())["groups"]
     assert [g["name"] for g in got] == ["schedule=linear", "schedule=cosine", "schedule=sigmoid"]
-    assert [g["seeds"] for g in got] == [["0", "1"], ["0", "1"], ["0"]]
+    assert [g["seeds"] for g in got] == [[0, 1], [0, 1], [0]]
     for g, schedule in zip(got, ("linear", "cosine")):
         want = t_interval([values[(schedule, 0)], values[(schedule, 1)]])
         assert g["metrics"]["final_loss"] == pytest.approx(want)
         assert g["metrics"]["final_loss"]["low"] < g["metrics"]["final_loss"]["mean"]
     assert got[2]["metrics"]["final_loss"]["low"] is None
     report = (sweep / "compare" / "report.md").read_text()
-    assert "| schedule=sigmoid | 1 (0) | – | – | – | – | 0.7000 (1 seed: no interval) |" in report
+    assert "| schedule=sigmoid | 1 (0) | – | – | – | – | – | 0.7000 (1 seed: no interval) |" \
+        in report
 
 
-def _eval_job(sweep, name, overrides, fid, kid, per_image, step=10):
-    """A job with one evaluation at ``step``: FID ± 1, KID ± 0.001, and each held-out image's
-    bits/dim (their mean is eval/bpd)."""
+def _eval_job(sweep, name, overrides, fid, kid, per_image, step=10, boot=None, num_samples=200,
+              extra_rows=""):
+    """A job with one evaluation at ``step``: FID ± 1, KID ± 0.001 (its subset spread; no
+    kid_se, as before the bootstrap kept KID), each held-out image's bits/dim (their mean is
+    eval/bpd), and with ``boot`` each bootstrap replicate's FID and KID deviation."""
     import numpy as np
 
     _job(sweep, name, overrides, [0.5])
@@ -148,13 +152,17 @@ def _eval_job(sweep, name, overrides, fid, kid, per_image, step=10):
     se = bpd.std(ddof=1) / len(bpd) ** 0.5
     (sweep / name / "csv" / "metrics.csv").write_text(
         "step,train/loss,eval/fid,eval/fid_se,eval/kid,eval/kid_std,eval/bpd,eval/bpd_se\n"
-        f"{step},0.5,{fid},1.0,{kid},0.001,{bpd.mean()},{se}\n")
+        + extra_rows + f"{step},0.5,{fid},1.0,{kid},0.001,{bpd.mean()},{se}\n")
+    seed = next((o.split("=")[1] for o in overrides if o.startswith("seed=")), 0)
     (sweep / name / "config.yaml").write_text(
-        "schedule: {name: linear, T: 10, _target_: ddpm_lightning.core.schedules."
-        "make_beta_schedule}\ncallbacks: {eval: {num_samples: 200, nll_images: "
-        f"{len(bpd)}}}}}\n")
+        f"seed: {seed}\nschedule: {{name: linear, T: 10, _target_: ddpm_lightning.core."
+        f"schedules.make_beta_schedule}}\ncallbacks: {{eval: {{num_samples: {num_samples}, "
+        f"nll_images: {len(bpd)}, every_n_steps: 5}}}}\n")
     (sweep / name / "eval").mkdir()
     np.savez(sweep / name / "eval" / f"bpd_step_{step:07d}.npz", bpd=bpd, seed=0, timesteps=16)
+    if boot is not None:
+        np.savez(sweep / name / "eval" / f"boot_step_{step:07d}.npz", fid=boot, kid=boot / 1000,
+                 seed=0, num_samples=num_samples)
 
 
 def _correlated_images(n=400, shift=0.01, seed=0):
@@ -204,11 +212,14 @@ def test_pairs_of_one_seed_resolve_bits_per_dim_by_pairing_images(tmp_path):
         "schedule=cosine", "schedule=linear", "images (paired)", 400)
     assert bpd["difference"] == pytest.approx(a.mean() - b.mean())
     assert bpd["verdict"] == "lower" and bpd["high"] < 0 and bpd["to_resolve"] is None
-    # FID: −2 ± 1.96·√2 includes 0; √2·1.96/2 = 1.386, so 200 × 1.386² ≈ 385 samples would do
-    assert fid["over"] == "bootstrap" and fid["difference"] == pytest.approx(-2.0)
+    # FID: −2 ± 1.96·√2 includes 0; an 80% chance needs (1.96 + 0.84)·√2 / 2 · se(n) ≤ 1,
+    # n = 200 × 1.981² = 785 samples
+    assert fid["over"] == "bootstrap (unpaired)" and fid["difference"] == pytest.approx(-2.0)
     assert fid["verdict"] == "no difference resolved at this N and seed count"
-    assert fid["to_resolve"].startswith("about 385 samples")
-    assert kid["verdict"] == "lower"  # −0.01 with an error of 0.0014
+    assert fid["to_resolve"].startswith("about 785 samples (callbacks.eval.num_samples) for an "
+                                        "80% chance")
+    assert kid["verdict"] == "lower"  # −0.01 with an error of 0.0014 (the subset spreads)
+    assert kid["over"].startswith("KID subsets")
     report = (sweep / "compare" / "report.md").read_text()
     assert "Differences against schedule=linear" in report and "| schedule=cosine − " in report
     with pytest.raises(SystemExit):
@@ -246,3 +257,126 @@ def test_pairs_over_seeds(tmp_path):
     groups = {g["name"]: g for g in summary["groups"]}
     assert groups["schedule=cosine"]["metrics"]["final_fid"]["n"] == 3
     assert np.isclose(groups["schedule=linear"]["metrics"]["final_fid"]["mean"], 42.0)
+
+
+def test_one_seed_fid_and_kid_pair_over_the_same_bootstrap_replicates(tmp_path):
+    """One seed each, FID 2 apart with bootstrap errors of 1 each: the replicates of the two
+    jobs move together (they resample the same samples, which share x_T), so the paired error
+    is about 0.3 and the difference is resolved; ignoring the pairing (the mutant: the files
+    removed) leaves it unresolved."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    shared = rng.normal(0, 1.0, 100)
+    boot_a, boot_b = shared + rng.normal(0, 0.2, 100), shared + rng.normal(0, 0.2, 100)
+    sweep = tmp_path / "sweep"
+    a, b = _correlated_images()
+    _eval_job(sweep, "0", ["schedule=cosine"], 50.0, 0.020, a, boot=boot_a - boot_a.mean())
+    _eval_job(sweep, "1", ["schedule=linear"], 52.0, 0.021, b, boot=boot_b - boot_b.mean())
+
+    def got():
+        compare.main([str(sweep), "--baseline", "schedule=linear"])
+        return {p["metric"]: p for p in
+                json.loads((sweep / "compare" / "summary.json").read_text())["pairs"]}
+
+    fid, kid = got()["fid"], got()["kid"]
+    error = np.std(boot_a - boot_b, ddof=1)
+    assert fid["over"] == "bootstrap replicates (paired)" and fid["n"] == 100
+    assert (fid["low"], fid["high"]) == pytest.approx((-2 - 1.959964 * error,
+                                                       -2 + 1.959964 * error))
+    assert fid["verdict"] == "lower" and kid["verdict"] == "lower"
+    for job in ("0", "1"):
+        shutil.rmtree(sweep / job / "eval")
+        (sweep / job / "eval").mkdir()
+    fid = got()["fid"]
+    assert fid["over"] == "bootstrap (unpaired)" and fid["verdict"].startswith("no difference")
+
+
+def test_a_job_that_stopped_short_is_compared_where_it_stopped(tmp_path):
+    """Job 1 stopped at step 5 (its last evaluation); job 0 went on to step 10. The pair is
+    compared at step 5, the last step both reached (never 0's step 10 against 1's step 5), with
+    each job's per-image file of that step, and the report says so."""
+    import json
+
+    sweep = tmp_path / "sweep"
+    a, b = _correlated_images()
+    early = (f"5,0.6,60.0,1.0,0.05,0.001,{a.mean()},0.01\n")
+    _eval_job(sweep, "0", ["schedule=cosine"], 40.0, 0.020, a, step=10, extra_rows=early)
+    _eval_job(sweep, "1", ["schedule=linear"], 52.0, 0.030, b, step=5)
+    import numpy as np
+
+    np.savez(sweep / "0" / "eval" / "bpd_step_0000005.npz", bpd=a, seed=0, timesteps=16)
+    compare.main([str(sweep), "--baseline", "schedule=linear"])
+    pairs = {p["metric"]: p for p in
+             json.loads((sweep / "compare" / "summary.json").read_text())["pairs"]}
+    assert {p["step"] for p in pairs.values()} == {5}
+    assert pairs["fid"]["difference"] == pytest.approx(60.0 - 52.0)  # not 40 − 52
+    assert pairs["bpd"]["over"] == "images (paired)"
+    report = (sweep / "compare" / "report.md").read_text()
+    assert "schedule=linear stopped at step 5, before step 10" in report
+
+
+def test_seeds_are_read_as_they_ran_and_a_rerun_counts_once(tmp_path):
+    """A job run without ``seed=`` ran with the config's seed 0, and pairs with a ``seed=0``
+    job; a rerun of a setting with the same seed counts once (the one that got furthest),
+    with a note; a non-finite value is left out, named, and summary.json stays valid JSON."""
+    import json
+
+    sweep = tmp_path / "sweep"
+    a, b = _correlated_images()
+    _eval_job(sweep, "0", ["schedule=cosine"], 50.0, 0.02, a)
+    _eval_job(sweep, "1", ["schedule=linear", "seed=0"], 52.0, 0.03, b)
+    _eval_job(sweep, "2", ["schedule=linear", "seed=0"], 51.0, 0.03, b,
+              extra_rows="5,0.5,nan,1.0,0.03,0.001,2.9,0.01\n")
+    compare.main([str(sweep)])
+    text = (sweep / "compare" / "summary.json").read_text()
+    summary = json.loads(text)
+    assert "NaN" not in text
+    groups = {g["name"]: g for g in summary["groups"]}
+    assert groups["schedule=linear"]["seeds"] == [0] and groups["schedule=linear"]["jobs"] == ["2"]
+    assert groups["schedule=cosine"]["seeds"] == [0]
+    pairs = {p["metric"]: p for p in summary["pairs"]}
+    assert pairs["kid"]["n"] == 1 and pairs["kid"]["step"] is not None
+    report = (sweep / "compare" / "report.md").read_text()
+    assert "job 1 repeats seed 0 of job 2" in report
+    assert "eval/fid is not finite at step 5" in report
+
+
+def test_fid_at_different_sample_counts_is_not_compared(tmp_path):
+    """FID's bias depends on N: jobs evaluated with different num_samples get no FID or KID
+    difference, but a verdict that names the setting; bits/dim still compares."""
+    import json
+
+    sweep = tmp_path / "sweep"
+    a, b = _correlated_images()
+    _eval_job(sweep, "0", ["schedule=cosine"], 50.0, 0.02, a, num_samples=200)
+    _eval_job(sweep, "1", ["schedule=linear"], 30.0, 0.03, b, num_samples=1000)
+    compare.main([str(sweep), "--baseline", "schedule=linear"])
+    pairs = {p["metric"]: p for p in
+             json.loads((sweep / "compare" / "summary.json").read_text())["pairs"]}
+    for metric in ("fid", "kid"):
+        assert pairs[metric]["difference"] is None
+        assert pairs[metric]["verdict"].startswith("not comparable: callbacks.eval.num_samples")
+    assert pairs["bpd"]["verdict"] == "lower"
+
+
+def test_to_resolve_counts_give_an_80_percent_chance():
+    """The count of seeds that would resolve a difference gives the t-interval an 80% chance
+    to exclude 0 (checked by simulation at that count), and the count for a bootstrap error
+    scales with 1/√N: (1.96 + 0.84)² · (se/d)² · N."""
+    import numpy as np
+    from scipy.stats import t as student_t
+
+    from ddpm_lightning.metrics.intervals import replicates_to_resolve, samples_to_resolve
+
+    n = replicates_to_resolve(1.0, 1.0)
+    assert n == 10
+    rng = np.random.default_rng(0)
+    x = rng.normal(1.0, 1.0, (20000, n))
+    half = student_t.ppf(0.975, n - 1) * x.std(1, ddof=1) / n**0.5
+    assert (x.mean(1) - half > 0).mean() == pytest.approx(0.80, abs=0.02)
+    assert samples_to_resolve(1.0, 200, 2.0) == 393  # 200 · (2.8016 / 2)² = 392.4
+    assert replicates_to_resolve(1.0, 0.0) is None and samples_to_resolve(1.0, 200, 0.0) is None

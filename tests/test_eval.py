@@ -103,6 +103,14 @@ def test_eval_with_an_empty_torch_hub_cache_builds_the_weights(tmp_path):
         per_image, seed, strata = f["bpd"], int(f["seed"]), int(f["timesteps"])
     assert per_image.shape == (10,) and (seed, strata) == (0, 5)
     assert per_image.mean() == pytest.approx(series(rows, "eval/bpd")[0][1], rel=1e-9)
+    # each bootstrap replicate's FID and KID, kept for paired comparisons: their spread is the
+    # logged standard error
+    with np.load(run / "eval" / "boot_step_0000002.npz") as f:
+        fid_reps, kid_reps, n = f["fid"], f["kid"], int(f["num_samples"])
+    kid_se = series(rows, "eval/kid_se")[0][1]
+    assert fid_reps.shape == kid_reps.shape == (100,) and n == 6
+    assert fid_reps.std(ddof=1) == pytest.approx(se, rel=1e-9)
+    assert kid_reps.std(ddof=1) == pytest.approx(kid_se, rel=1e-9) and kid_se > 0
 
 
 def test_unbuildable_weights_stop_a_sweep_before_any_folder(tmp_path):

@@ -385,7 +385,7 @@ def test_fid_callback_under_ddp(weights, tmp_path):
     print(f"\nDDP eval (2 ranks, 5 samples): {scores[0]}")
     timeless = [{k: v for k, v in s.items() if not k.endswith("seconds")} for s in scores]
     assert timeless[0] == timeless[1]
-    for key in ("eval/fid", "eval/fid_se", "eval/kid", "eval/kid_std", "eval/bpd"):
+    for key in ("eval/fid", "eval/fid_se", "eval/kid", "eval/kid_se", "eval/kid_std", "eval/bpd"):
         assert math.isfinite(scores[0][key]) and scores[0][key] > 0, key
     with np.load(tmp_path / "eval" / "bpd_step_0000002.npz") as f:
         per_image = f["bpd"]

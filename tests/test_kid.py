@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_lightning.metrics.fid import FeatureMoments, FrechetToReference, fid_from_stats
-from ddpm_lightning.metrics.kid import kid_from_features
+from ddpm_lightning.metrics.fid import (
+    FeatureMoments,
+    FrechetToReference,
+    bootstrap_indices,
+    fid_from_stats,
+)
+from ddpm_lightning.metrics.kid import kid_bootstrap, kid_from_features
 
 
 def _gaussian(n: int, d: int, seed: int, scale: float = 1.0, shift: float = 0.0):
@@ -69,6 +74,57 @@ def test_fid_bootstrap_se_matches_the_spread_over_independent_draws():
     boot = frechet.bootstrap(draw(0), replicates=50, seed=0)
     assert boot["low"] < boot["fid"] < boot["high"]
     assert boot["high"] - boot["fid"] == pytest.approx(1.959964 * boot["se"], rel=1e-6)
+
+
+def test_kid_bootstrap_replicates_leave_out_pairs_of_one_sample():
+    """Each replicate is the unbiased MMD² of the resampled set, its within-set mean taken over
+    the pairs of draws of different samples: equal, up to the reference's constant term, to a
+    brute-force loop (a mutant that pairs a sample drawn twice with itself fails)."""
+    x, y = _gaussian(40, 6, 0), _gaussian(50, 6, 1, shift=0.3)
+    idx = bootstrap_indices(40, 6, seed=3)
+    got = kid_bootstrap(x, y, idx)
+
+    def k(a, b):
+        return (a @ b.T / 6 + 1) ** 3
+
+    want = []
+    for row in idx:
+        xs = x[row]
+        distinct = row[:, None] != row[None, :]
+        want.append(float(k(xs, xs)[distinct].mean() - 2 * k(xs, y).mean()))
+    want = np.array(want)
+    np.testing.assert_allclose(got["deviations"], want - want.mean(), atol=1e-12)
+    assert got["se"] == pytest.approx(np.std(want, ddof=1), rel=1e-9)
+
+
+def test_kid_bootstrap_se_matches_the_spread_over_independent_draws():
+    """KID's error at N: the standard deviation of KID (the subset average that eval/kid logs)
+    over 80 independent draws of N = 200 samples and the bootstrap's SE from one draw agree
+    within 25%; the spread of single subsets (kid_std) overstates it by more than 1.4×."""
+    d, n = 16, 200
+    ref = _gaussian(1000, d, 0)
+
+    def draw(seed):
+        return _gaussian(n, d, 1000 + seed, scale=1.1, shift=0.2)
+
+    kids = [kid_from_features(draw(i), ref, 100, 100, seed=0) for i in range(80)]
+    spread = np.std([k["kid"] for k in kids], ddof=1)
+    ses = [kid_bootstrap(draw(i), ref, bootstrap_indices(n, 100, seed=0))["se"] for i in range(8)]
+    assert np.mean(ses) == pytest.approx(spread, rel=0.25), (ses, spread)
+    assert np.mean([k["kid_std"] for k in kids]) > 1.4 * spread
+
+
+def test_fid_and_kid_bootstraps_draw_the_same_resamplings():
+    """FID's bootstrap resamples with ``bootstrap_indices``: its replicates are the FIDs of
+    those very index sets, so KID's bootstrap (given the same indices) pairs with it, and two
+    jobs with the same seed and N resample the same samples."""
+    mu_r, sigma_r = np.zeros(8), np.eye(8)
+    frechet = FrechetToReference(mu_r, sigma_r)
+    x = _gaussian(60, 8, 5, shift=0.1)
+    boot = frechet.bootstrap(x, replicates=5, seed=7)
+    reps = np.array([frechet(x[i]) for i in bootstrap_indices(60, 5, seed=7)])
+    np.testing.assert_allclose(boot["deviations"], reps - reps.mean(), atol=1e-12)
+    assert torch.equal(bootstrap_indices(60, 5, seed=7), bootstrap_indices(60, 5, seed=7))
 
 
 def test_fid_equals_torchmetrics_without_antialiasing(weights):

@@ -136,6 +136,7 @@ def test_offline_fid_and_is_refusal(ckpt, tmp_path, torch_home):
     assert np.isfinite(fid["value"]) and fid["value"] > 0 and fid["reference"] == "train"
     assert fid["low"] < fid["value"] < fid["high"] and fid["se"] > 0 and fid["bootstrap"] == 20
     assert kid["value"] > 0 and kid["std"] > 0 and (kid["subsets"], kid["subset_size"]) == (10, 8)
+    assert kid["se"] > 0 and kid["bootstrap"] == 20  # KID's error, from FID's resamplings
     assert list((tmp_path / "stats").glob("embedded_train_16*.npz"))  # cached reference
     out = tmp_path / "is"
     proc = _sample(ckpt, out, "num_samples=8", "metrics=[is]", env=env)

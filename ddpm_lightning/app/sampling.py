@@ -182,7 +182,7 @@ def quality(job: SamplingJob, images: torch.Tensor) -> dict:
     cached reference (statistics, and features for KID), and the Inception Score, as
     requested. The samples' features are computed once for FID and KID."""
     from ddpm_lightning.metrics import fid as fidlib
-    from ddpm_lightning.metrics.kid import kid_from_features
+    from ddpm_lightning.metrics.kid import kid_bootstrap, kid_from_features
     from ddpm_lightning.metrics.reference import reference_stats
 
     cfg, device, out = job.cfg.fid, job.fabric.device, {}
@@ -209,6 +209,10 @@ def quality(job: SamplingJob, images: torch.Tensor) -> dict:
             kid = kid_from_features(features, ref[2], cfg.kid_subsets, size, seed=job.cfg.seed)
             out["kid"] = {"value": kid["kid"], "std": kid["kid_std"], "subsets": kid["subsets"],
                           "subset_size": kid["subset_size"], **where}
+            if cfg.bootstrap:  # KID's error at this N, from the same resamplings as FID's
+                idx = fidlib.bootstrap_indices(n, cfg.bootstrap, job.cfg.seed)
+                out["kid"].update(se=kid_bootstrap(features, ref[2], idx)["se"],
+                                  bootstrap=cfg.bootstrap)
     if "is" in wanted:
         mean, std = fidlib.inception_score(images, splits=cfg.is_splits, device=device,
                                            weights_path=cfg.weights_path, download=cfg.download)

@@ -273,22 +273,32 @@ class FrechetToReference:
     def bootstrap(self, features, replicates: int = 100, seed: int = 0,
                   confidence: float = 0.95) -> dict:
         """FID's sampling error at this N: the FID of ``replicates`` resamplings (with
-        replacement, from a generator of its own seeded by ``seed``) of the generated features,
-        the reference fixed. ``{"fid", "se", "low", "high", "replicates"}``: the FID of all
-        the features, the replicates' standard deviation, and the normal interval
-        fid ± z·se."""
+        replacement, ``bootstrap_indices(N, replicates, seed)``) of the generated features,
+        the reference fixed. ``{"fid", "se", "low", "high", "replicates", "deviations"}``: the
+        FID of all the features, the replicates' standard deviation, the normal interval
+        fid ± z·se, and each replicate's FID minus their mean. Two jobs with the same seed and N
+        draw the same resamplings, so the standard deviation of the difference of their
+        ``deviations`` is the error of their FID difference, paired over the samples that
+        share an x_T (``tools.pairs``)."""
         from scipy.stats import norm
 
-        if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 2:
-            raise ValueError(f"FID bootstrap replicates={replicates!r} must be an integer >= 2")
         x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
         value = self(x)
-        g = torch.Generator().manual_seed(seed)
-        reps = [self(x[torch.randint(len(x), (len(x),), generator=g)]) for _ in range(replicates)]
+        reps = np.array([self(x[idx]) for idx in bootstrap_indices(len(x), replicates, seed)])
         se = float(np.std(reps, ddof=1))
         half = float(norm.ppf((1 + confidence) / 2)) * se
         return {"fid": value, "se": se, "low": value - half, "high": value + half,
-                "replicates": replicates}
+                "replicates": replicates, "deviations": reps - reps.mean()}
+
+
+def bootstrap_indices(n: int, replicates: int, seed: int) -> torch.Tensor:
+    """[replicates, n] indices drawn with replacement from range(n) by a generator of their own
+    seeded by ``seed`` (never the training RNG): FID's and KID's bootstraps resample the same
+    samples, and so does every job with the same seed and N."""
+    if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 2:
+        raise ValueError(f"bootstrap replicates={replicates!r} must be an integer >= 2")
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randint(n, (n,), generator=g) for _ in range(replicates)])
 
 
 # ------------------------------------------------------------------ statistics files

@@ -67,31 +67,37 @@ def verdict(interval: dict) -> str:
 
 
 def replicates_to_resolve(sd: float, difference: float, confidence: float = 0.95,
-                          limit: int = 100_000) -> int | None:
-    """The smallest number n of paired replicates (seeds, or images) whose Student-t interval,
-    t_{(1+c)/2, n−1} · sd / √n, would exclude 0 if the mean difference and the spread stayed
-    as measured; None when the difference is 0 or more than ``limit`` would be needed."""
+                          power: float = 0.8, limit: int = 100_000) -> int | None:
+    """The smallest number n of paired replicates (seeds, or images) with which the Student-t
+    interval would exclude 0 with probability ``power``, if the mean difference and the spread
+    stayed as measured: (t_{(1+c)/2, n−1} + t_{power, n−1}) · sd / √n ≤ |difference| (a
+    one-sample t-test's power, to the usual normal approximation of its noncentral t). None
+    when the difference is 0 or not finite, or more than ``limit`` would be needed."""
     from scipy.stats import t as student_t
 
-    if not difference or not math.isfinite(sd):
+    if not difference or not math.isfinite(difference) or not math.isfinite(sd):
         return None
     q = (1 + confidence) / 2
     n = 2
     while n <= limit:
-        if float(student_t.ppf(q, n - 1)) * sd / math.sqrt(n) < abs(difference):
+        z = float(student_t.ppf(q, n - 1)) + float(student_t.ppf(power, n - 1))
+        if z * sd / math.sqrt(n) <= abs(difference):
             return n
         n = n + 1 if n < 100 else int(n * 1.05) + 1
     return None
 
 
 def samples_to_resolve(se: float, n: int, difference: float, confidence: float = 0.95,
-                       limit: int = 10_000_000) -> int | None:
-    """For a standard error ``se`` measured at ``n`` samples and shrinking as 1/√n (a bootstrap,
-    or a subset spread): the n at which z · se(n) < |difference|; None when the difference is
-    0 or more than ``limit`` would be needed."""
+                       power: float = 0.8, limit: int = 10_000_000) -> int | None:
+    """For a standard error ``se`` measured at ``n`` samples and shrinking as 1/√n (a
+    bootstrap's): the n at which the normal interval would exclude 0 with probability
+    ``power`` if the difference stayed as measured, (z_{(1+c)/2} + z_{power}) · se(n) ≤
+    |difference|; None when the difference is 0 or not finite, or more than ``limit`` would
+    be needed."""
     from scipy.stats import norm
 
-    if not difference or not se or not math.isfinite(se):
+    if not difference or not math.isfinite(difference) or not se or not math.isfinite(se):
         return None
-    need = math.ceil(n * (float(norm.ppf((1 + confidence) / 2)) * se / abs(difference)) ** 2)
+    z = float(norm.ppf((1 + confidence) / 2)) + float(norm.ppf(power))
+    need = math.ceil(n * (z * se / abs(difference)) ** 2)
     return need if need <= limit else None

@@ -43,7 +43,7 @@ import numpy as np
 
 from ddpm_lightning.metrics.intervals import t_interval
 from ddpm_lightning.tools.compare_plots import band_series, plot_bands, plot_schedules, plot_t_bands
-from ddpm_lightning.tools.pairs import find_baseline, pairs, per_image_bpd
+from ddpm_lightning.tools.pairs import common_step, find_baseline, pairs
 from ddpm_lightning.tools.report import side_by_side
 
 
@@ -80,29 +80,69 @@ def labels(jobs: list[Path]) -> dict[Path, str]:
 
 
 GROUP_METRICS = ("best_fid", "final_fid", "final_kid", "final_bpd", "final_loss")
+# group metric: the series it is read from at the group's common step (best_fid: the lowest
+# FID over the steps every member reached; final_loss: each job's own last 50 steps)
+AT_COMMON_STEP = {"final_fid": "fid", "final_kid": "kid", "final_bpd": "bpd"}
 
 
-def groups(jobs: list[Path], summaries: dict[Path, dict]) -> list[dict]:
-    """The jobs grouped by every varying setting except ``seed``: for each group its settings,
-    its seeds, and for each metric the mean over its seeds with a 95% Student-t interval and
-    n (a group of one seed has no interval)."""
+def _dedupe(members: list[Path], summaries: dict[Path, dict]) -> tuple[list[Path], list[str]]:
+    """One job per seed: of jobs that ran the same setting with the same seed (a rerun), the
+    one that got furthest is kept (the later folder on a tie); a note names the others."""
+    kept: dict[int | None, Path] = {}
+    notes = []
+    for job in members:
+        seed = summaries[job]["seed"]
+        other = kept.get(seed)
+        if other is None:
+            kept[seed] = job
+            continue
+        last = (summaries[job]["last_step"] or -1, summaries[other]["last_step"] or -1)
+        keep, drop = (job, other) if last[0] >= last[1] else (other, job)
+        kept[seed] = keep
+        notes.append(f"job {drop.name} repeats seed {seed} of job {keep.name} with the same "
+                     f"settings; job {keep.name} (step {summaries[keep]['last_step']}) is used")
+    return [j for j in members if j in kept.values()], notes
+
+
+def groups(jobs: list[Path], summaries: dict[Path, dict]) -> tuple[list[dict], list[str]]:
+    """The jobs grouped by every varying setting except ``seed`` (one job per seed, as it ran,
+    from ``config.yaml``): for each group its settings, its seeds, and for each metric the mean
+    over its seeds with a 95% Student-t interval and n (a group of one seed has no interval),
+    at the last evaluation step that all its jobs reached (``step``). Also the notes on
+    repeated seeds."""
     by_settings: dict[tuple, list[Path]] = {}
     diffs = varying(jobs)
     for job in jobs:
         key = tuple((k, v) for k, v in diffs[job].items() if k != "seed")
         by_settings.setdefault(key, []).append(job)
-    out = []
+    out, notes = [], []
     for key, members in by_settings.items():
+        members, repeated = _dedupe(members, summaries)
+        notes += repeated
+        rows = [summaries[j] for j in members]
         metrics = {}
         for name in GROUP_METRICS:
-            values = [summaries[j][name] for j in members if summaries[j][name] is not None]
+            if name in AT_COMMON_STEP:
+                series = AT_COMMON_STEP[name]
+                step = common_step(rows, series)
+                values = [] if step is None else [r["series"][series][step] for r in rows]
+            elif name == "best_fid":
+                fids = [r["series"].get("fid", {}) for r in rows]
+                shared = set.intersection(*(set(f) for f in fids))
+                step = None
+                values = [min(f[s] for s in shared) for f in fids] if shared else []
+            else:
+                step = None
+                values = [r[name] for r in rows if r[name] is not None]
             if values:
                 metrics[name] = t_interval(values)
+                if step is not None:
+                    metrics[name]["step"] = step
         out.append({"settings": dict(key),
                     "name": ",".join(f"{k}={v}" for k, v in key) or "all jobs",
-                    "seeds": [diffs[j].get("seed") for j in members],
+                    "seeds": [summaries[j]["seed"] for j in members],
                     "jobs": [j.name for j in members], "metrics": metrics})
-    return out
+    return out, notes
 
 
 def _interval(entry: dict | None, digits: int) -> str:
@@ -114,10 +154,18 @@ def _interval(entry: dict | None, digits: int) -> str:
             f"{entry['high']:.{digits}f}]")
 
 
+def _version(path: Path) -> tuple:
+    """A CSV log's order: Lightning's version_N folders by N (not by file time, which a copy
+    changes)."""
+    name = path.parent.name
+    number = name.removeprefix("version_")
+    return (int(number) if number.isdigit() else -1, str(path))
+
+
 def history(job: Path) -> dict[str, list[tuple[int, float]]]:
     """{metric: [(step, value)]} of a job, from its CSV log or else its W&B offline files."""
     out: dict[str, list[tuple[int, float]]] = {}
-    files = sorted((job / "csv").rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
+    files = sorted((job / "csv").rglob("metrics.csv"), key=_version)
     if files:
         for path in files:
             with open(path) as f:
@@ -146,49 +194,98 @@ def _fmt(value, digits=2) -> str:
         else f"{value:.{digits}f}"
 
 
-def _last(hist: dict, *keys: str) -> tuple[int | None, float | None]:
-    for key in keys:
-        if hist.get(key):
-            return hist[key][-1]
-    return None, None
+SERIES = ("fid", "fid_se", "kid", "kid_se", "kid_std", "bpd", "bpd_se")
+# evaluation settings that do not change what is measured
+NOT_MEASURED = ("every_n_steps", "on_train_end", "cache_dir", "weights_path", "download",
+                "inception_batch_size", "_target_")
+
+
+def _series(hist: dict) -> tuple[dict[str, dict[int, float]], list[str]]:
+    """{name: {step: value}} of the evaluation metrics (``eval/`` keys, else the FID callback's
+    ``val/``, value and error from the same prefix), non-finite values left out and named."""
+    prefix = "eval/" if hist.get("eval/fid") or hist.get("eval/bpd") else "val/"
+    out, dropped = {}, []
+    for name in SERIES:
+        rows = hist.get(prefix + name) or []
+        out[name] = {s: v for s, v in rows if math.isfinite(v)}
+        bad = sorted({s for s, v in rows if not math.isfinite(v)})
+        if bad:
+            dropped.append(f"{prefix}{name} is not finite at step {', '.join(map(str, bad))}")
+    return out, dropped
+
+
+def _last_of(series: dict[int, float]) -> float | None:
+    return series[max(series)] if series else None
 
 
 def summary(hist: dict[str, list], job: Path | None = None) -> dict:
-    """A job's figures: the best FID and its step, the last evaluation's FID, KID and bits/dim
-    with their errors, the final loss (mean of the last 50 logged steps); with ``job``, also
-    the evaluation sizes from its config and each held-out image's bits/dim at the last
-    evaluation (for paired differences)."""
-    fid = hist.get("eval/fid") or hist.get("val/fid") or []
-    best = min(fid, key=lambda sv: sv[1]) if fid else (None, None)
-    loss = hist.get("train/loss") or []
-    bpd_step, bpd = _last(hist, "eval/bpd")
-    out = {"best_fid": best[1], "best_fid_step": best[0],
-           "final_fid": _last(hist, "eval/fid", "val/fid")[1],
-           "final_fid_se": _last(hist, "eval/fid_se", "val/fid_se")[1],
-           "final_kid": _last(hist, "eval/kid", "val/kid")[1],
-           "final_kid_std": _last(hist, "eval/kid_std", "val/kid_std")[1],
-           "final_bpd": bpd, "final_bpd_se": _last(hist, "eval/bpd_se")[1],
-           "final_loss": float(np.mean([v for _, v in loss[-50:]])) if loss else None,
+    """A job's figures: the evaluation metrics by step (``series``), the best FID and its step,
+    the last evaluation's FID, KID and bits/dim with their errors, the final loss (mean of the
+    last 50 logged steps); with ``job``, also its seed and evaluation settings as it ran
+    (``config.yaml``) and its folder (for the per-image and per-replicate files)."""
+    series, dropped = _series(hist)
+    fid = series["fid"]
+    best = min(fid.items(), key=lambda sv: sv[1]) if fid else (None, None)
+    loss = [v for _, v in hist.get("train/loss") or [] if math.isfinite(v)]
+    out = {"series": series, "notes": dropped, "best_fid": best[1], "best_fid_step": best[0],
+           **{f"final_{name}": _last_of(series[name]) for name in SERIES},
+           "final_loss": float(np.mean(loss[-50:])) if loss else None,
            "eval_seconds": sum(v for _, v in hist.get("eval/seconds")
                                or hist.get("val/fid_seconds") or []),
-           "last_step": max((s for v in hist.values() for s, _ in v), default=None)}
+           "last_step": max((s for v in hist.values() for s, _ in v), default=None),
+           "seed": None, "eval_settings": {}, "path": None}
     if job is not None:
         from omegaconf import OmegaConf
 
         cfg = OmegaConf.load(job / "config.yaml")
-        for name in ("num_samples", "nll_images"):
-            out[name] = (OmegaConf.select(cfg, f"callbacks.eval.{name}")
-                         or OmegaConf.select(cfg, f"callbacks.fid.{name}"))
-        out["per_image"] = per_image_bpd(job, bpd_step)
+        seed = OmegaConf.select(cfg, "seed")
+        out["seed"] = int(seed) if seed is not None else None
+        settings = (OmegaConf.select(cfg, "callbacks.eval")
+                    or OmegaConf.select(cfg, "callbacks.fid"))
+        settings = OmegaConf.to_container(settings, resolve=True) if settings is not None else {}
+        out["eval_settings"] = {k: v for k, v in settings.items() if k not in NOT_MEASURED}
+        out["path"] = str(job)
     return out
 
 
 def _pair_row(p: dict) -> str:
     digits = 4 if p["metric"] == "bpd" else (5 if p["metric"] == "kid" else 2)
-    iv = "–" if p["low"] is None else f"[{p['low']:+.{digits}f}, {p['high']:+.{digits}f}]"
+    if p["difference"] is None:
+        value = "–"
+    else:
+        iv = "–" if p["low"] is None else f"[{p['low']:+.{digits}f}, {p['high']:+.{digits}f}]"
+        value = f"{p['difference']:+.{digits}f} {iv}"
     said = p["verdict"] if p["to_resolve"] is None else f"{p['verdict']}; {p['to_resolve']}"
-    return (f"| {p['a']} − {p['b']} | {p['metric']} | {p['difference']:+.{digits}f} {iv} | "
+    step = "–" if p["step"] is None else p["step"]
+    return (f"| {p['a']} − {p['b']} | {p['metric']} | {step} | {value} | "
             f"{p['over']}, n = {p['n']} | {said} |")
+
+
+def _finite_or_null(value):
+    """JSON has no NaN: a non-finite number is written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
+def _notes(jobs: list[Path], names: dict, summaries: dict, repeated: list[str]) -> list[str]:
+    """What the reader must know about the jobs: values left out, reruns, jobs that stopped
+    before the others (compared at the steps they reached)."""
+    notes = [f"{names[j]}: {n}" for j in jobs for n in summaries[j]["notes"]] + repeated
+    furthest = max((summaries[j]["last_step"] or 0 for j in jobs), default=0)
+    notes += [f"{names[j]} stopped at step {summaries[j]['last_step']}, before step {furthest}: "
+              "it is compared at the last evaluation every job of a comparison reached"
+              for j in jobs if (summaries[j]["last_step"] or 0) < furthest]
+    return notes
+
+
+def _step_of(m: dict) -> str:
+    steps = {e.get("step") for e in m.values()} - {None}
+    return ", ".join(str(s) for s in sorted(steps)) or "–"
 
 
 def run(sweep: Path, out: Path, baseline: str | None = None) -> Path:
@@ -196,7 +293,7 @@ def run(sweep: Path, out: Path, baseline: str | None = None) -> Path:
     names = labels(jobs)
     hist = {job: history(job) for job in jobs}
     summaries = {job: summary(hist[job], job) for job in jobs}
-    grouped = groups(jobs, summaries)
+    grouped, repeated = groups(jobs, summaries)
     base = find_baseline(grouped, baseline) if baseline else None
     differences = pairs(grouped, {j.name: summaries[j] for j in jobs}, base)
     out.mkdir(parents=True, exist_ok=True)
@@ -213,36 +310,47 @@ def run(sweep: Path, out: Path, baseline: str | None = None) -> Path:
     total = sum(summaries[j]["eval_seconds"] for j in jobs)
     lines += ["", f"Evaluation took {total:.0f} s over the {len(jobs)} jobs "
               "(eval/seconds, summed).", ""]
-    lines += ["Settings over their seeds, at the last evaluation: the mean and its 95% "
+    notes = _notes(jobs, names, summaries, repeated)
+    if notes:
+        lines += ["Notes:", "", *(f"* {n}" for n in notes), ""]
+    lines += ["Settings over their seeds, at the last evaluation all of a setting's jobs "
+              "reached (best FID: over the steps they all reached): the mean and its 95% "
               "Student-t interval (summary.json has the numbers).", "",
-              "| settings | seeds | best FID | final FID | final KID | final bits/dim | final loss |",
-              "|---|---|---|---|---|---|---|"]
+              "| settings | seeds | step | best FID | final FID | final KID | final bits/dim | "
+              "final loss |", "|---|---|---|---|---|---|---|---|"]
     for g in grouped:
         m = g["metrics"]
         seeds = ",".join(str(x) for x in g["seeds"] if x is not None) or "–"
-        lines.append(f"| {g['name']} | {len(g['jobs'])} ({seeds}) | "
+        lines.append(f"| {g['name']} | {len(g['jobs'])} ({seeds}) | {_step_of(m)} | "
                      f"{_interval(m.get('best_fid'), 2)} | {_interval(m.get('final_fid'), 2)} | "
                      f"{_interval(m.get('final_kid'), 5)} | {_interval(m.get('final_bpd'), 4)} | "
                      f"{_interval(m.get('final_loss'), 4)} |")
     lines.append("")
     if differences:
         against = f" against {base['name']}" if base else ""
-        lines += [f"Differences{against} at the last evaluation (lower is better for all three), "
-                  "with 95% intervals: over seeds where the settings share two or more, else "
-                  "within the shared seed (bits/dim paired over images with the same t and ε; "
-                  "FID from the bootstrap; KID from its subsets).", "",
-                  "| A − B | metric | difference [95% interval] | over | verdict |",
-                  "|---|---|---|---|---|", *map(_pair_row, differences), ""]
-    (out / "summary.json").write_text(json.dumps({"groups": grouped, "pairs": differences},
-                                                 indent=2) + "\n")
-    members = {g["name"]: [j for j in jobs if j.name in g["jobs"]] for g in grouped}
+        tested = sum(p["low"] is not None for p in differences)
+        lines += [f"Differences{against} at the last evaluation every job of the pair reached "
+                  "(lower is better for all three), with 95% intervals: over seeds where the "
+                  "settings share two or more, else within the shared seed (bits/dim paired "
+                  "over images with the same t and ε; FID and KID paired over the same "
+                  "bootstrap resamplings).", "",
+                  "| A − B | metric | step | difference [95% interval] | over | verdict |",
+                  "|---|---|---|---|---|---|", *map(_pair_row, differences), "",
+                  f"{tested} intervals at 95% each: if no setting differed from another, about "
+                  f"{0.05 * tested:.1f} of them would still exclude 0 by chance. A verdict "
+                  "that matters is worth confirming with more seeds.", ""]
+    (out / "summary.json").write_text(json.dumps(
+        _finite_or_null({"groups": grouped, "pairs": differences}), indent=2,
+        allow_nan=False) + "\n")
+    members = {g["name"]: [summaries[j] for j in jobs if j.name in g["jobs"]] for g in grouped}
+    has_kid_se = any(summaries[j]["series"]["kid_se"] for j in jobs)
     for key, se_key, png, label in (("fid", "fid_se", "fid.png", "FID"),
-                                    ("kid", "kid_std", "kid.png", "KID"),
+                                    ("kid", "kid_se" if has_kid_se else "kid_std", "kid.png",
+                                     "KID"),
                                     ("bpd", "bpd_se", "bpd.png", "bits/dim")):
-        prefix = "val/" if key == "fid" and not any(hist[j].get("eval/fid") for j in jobs) \
-            else "eval/"
-        bands = {name: band_series(js, hist, prefix + key, prefix + se_key)
-                 for name, js in members.items()}
+        bands = {name: band_series([s["series"][key] for s in rows],
+                                   [s["series"][se_key] for s in rows])
+                 for name, rows in members.items()}
         if plot_bands(bands, out / png, label, f"{label} against step: the mean over seeds and "
                       "its 95% band (one seed: ±1.96 × its own error)"):
             lines += [f"![{label}]({png})", ""]

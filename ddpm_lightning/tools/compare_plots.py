@@ -79,12 +79,11 @@ def plot_schedules(jobs: dict[Path, str], path: Path) -> None:
     save_figure(fig, axes, path)
 
 
-def band_series(group_jobs: list, hist: dict, key: str, se_key: str | None) -> list[tuple]:
+def band_series(series: list[dict[int, float]], errors: list[dict[int, float]]) -> list[tuple]:
     """(step, mean, low, high) of one metric for one setting at each step that its jobs
-    share: over 2+ seeds the mean and its 95% Student-t interval; for one job its value
-    ± 1.96 × its logged standard error (``se_key``; no band when it has none)."""
-    series = [dict(hist[job].get(key) or []) for job in group_jobs]
-    errors = [dict(hist[job].get(se_key) or []) if se_key else {} for job in group_jobs]
+    share (``series``: each job's {step: value}): over 2+ seeds the mean and its 95% Student-t
+    interval; for one job its value ± 1.96 × its standard error at that step (``errors``, the
+    job's {step: error}; no band where it has none)."""
     steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
     out = []
     for step in steps:

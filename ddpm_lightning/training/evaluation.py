@@ -18,13 +18,14 @@ from ddpm_lightning.metrics.fid import (
     FEATURE_DIM,
     FeatureMoments,
     FrechetToReference,
+    bootstrap_indices,
     inception_features,
     load_stats,
     resolve_weights,
     save_stats,
     stats_of_features,
 )
-from ddpm_lightning.metrics.kid import kid_from_features
+from ddpm_lightning.metrics.kid import kid_bootstrap, kid_from_features
 from ddpm_lightning.metrics.reference import (
     _dataset_features,
     _dataset_moments,
@@ -39,7 +40,8 @@ class FIDCallback(SamplingCallback):
     """FID of EMA samples against the training set, every ``every_n_steps`` optimizer steps
     (and at the end of training), logged as ``val/fid`` (and ``val/fid_seconds``); with
     ``fid_bootstrap`` its standard error ``val/fid_se``, and with ``kid`` the Kernel Inception
-    Distance ``val/kid`` ± ``val/kid_std``.
+    Distance ``val/kid`` ± ``val/kid_std`` (the spread of single subsets) and, with both, KID's
+    standard error ``val/kid_se`` (the same bootstrap).
 
     Every rank samples its share of ``num_samples`` (batch k from the generator seeded by
     (seed, k), as in sample.py: the same x_T at every evaluation and in every job of a sweep,
@@ -65,8 +67,8 @@ class FIDCallback(SamplingCallback):
         seed: base seed of the sampling noise.
         inception_batch_size: images per Inception forward pass.
         fid_bootstrap: resamplings of the generated features (the reference fixed) whose FIDs'
-            standard deviation is logged as ``fid_se``, FID's sampling error at this N;
-            0 = none.
+            standard deviation is logged as ``fid_se``, FID's sampling error at this N (and with
+            ``kid``, ``kid_se`` from the same resamplings); 0 = none.
         kid: also compute KID (``metrics.kid``), from the reference *features*, which the
             reference cache then keeps; ``kid_subsets`` subsets of ``kid_subset_size`` images
             (at most the number of samples and of reference images).
@@ -116,6 +118,7 @@ class FIDCallback(SamplingCallback):
         self.seed = seed
         self.inception_batch_size = inception_batch_size
         self.fid_bootstrap, self.kid = fid_bootstrap, kid
+        self.last_bootstrap: dict = {}
         self.kid_subsets, self.kid_subset_size = kid_subsets, kid_subset_size
         self.last_fid: float | None = None
         self._ref: tuple | None = None  # (µ, Σ, features or None), on rank 0
@@ -169,7 +172,7 @@ class FIDCallback(SamplingCallback):
             for logger in trainer.loggers:
                 logger.log_metrics(scores, step=step)
             extra = "".join(f", {k.removeprefix(self.prefix)} {v:.4g}" for k, v in scores.items()
-                            if k.endswith(("_se", "kid", "kid_std")))
+                            if k.endswith(("_se", "kid")))
             print(f"FID at step {step}: {fid:.3f}{extra} ({self.num_samples} samples, "
                   f"{scores[f'{self.prefix}fid_seconds']:.0f} s)", flush=True)
 
@@ -185,9 +188,12 @@ class FIDCallback(SamplingCallback):
         if self._frechet is None:  # the reference's factor, once per run
             self._frechet = FrechetToReference(*reference[:2])
         p = self.prefix
+        boot = {}
         if self.fid_bootstrap:
-            boot = self._frechet.bootstrap(features, self.fid_bootstrap, seed=self.seed)
-            out = {f"{p}fid": boot["fid"], f"{p}fid_se": boot["se"]}
+            indices = bootstrap_indices(len(features), self.fid_bootstrap, self.seed)
+            fid = self._frechet.bootstrap(features, self.fid_bootstrap, seed=self.seed)
+            out = {f"{p}fid": fid["fid"], f"{p}fid_se": fid["se"]}
+            boot["fid"] = fid["deviations"]
         else:
             out = {f"{p}fid": self._frechet(features)}
         if self.kid:
@@ -195,6 +201,11 @@ class FIDCallback(SamplingCallback):
             size = min(self.kid_subset_size, len(features), len(ref_features))
             kid = kid_from_features(features, ref_features, self.kid_subsets, size, self.seed)
             out.update({f"{p}kid": kid["kid"], f"{p}kid_std": kid["kid_std"]})
+            if self.fid_bootstrap:
+                kid = kid_bootstrap(features, ref_features, indices)
+                out[f"{p}kid_se"] = kid["se"]
+                boot["kid"] = kid["deviations"]
+        self.last_bootstrap = boot  # rank 0: each replicate's deviation, for paired differences
         return out
 
     def _sample_features(self, trainer, pl_module) -> torch.Tensor | None:
@@ -300,7 +311,10 @@ class EvalCallback(FIDCallback):
     * ``eval/fid`` (and ``eval/fid_seconds``): FID of ``num_samples`` samples, sample i from the
       same x_T in every job and at every evaluation (``FIDCallback``), with ``eval/fid_se``,
       its bootstrap standard error at this N;
-    * ``eval/kid`` and ``eval/kid_std``: KID, unbiased at small N, and its spread over subsets;
+    * ``eval/kid``, ``eval/kid_se`` and ``eval/kid_std``: KID, unbiased at small N, its
+      bootstrap standard error at this N, and the spread of single subsets; each bootstrap
+      replicate's FID and KID are kept in ``RUN/eval/boot_step_*.npz``, so that jobs pair
+      their errors replicate by replicate;
     * ``eval/bpd`` (and ``eval/bpd_se``, ``eval/prior_bpd``, ``eval/vb_bpd``,
       ``eval/decoder_bpd``, ``eval/nll_seconds``): the stratified unbiased estimate of the
       bound (``likelihood.bits_per_dim_estimate``) on the first ``nll_images`` held-out
@@ -401,11 +415,18 @@ class EvalCallback(FIDCallback):
     def save_per_image(self, trainer, step: int) -> Path:
         """``RUN/eval/bpd_step_XXXXXXX.npz``: the bits/dim of each held-out image (``bpd``,
         held-out image i at row i) and what fixes its t and ε (``seed``, ``timesteps``), so
-        that ``compare`` can pair two jobs image by image."""
-        path = Path(trainer.default_root_dir) / "eval" / f"bpd_step_{step:07d}.npz"
+        that ``compare`` can pair two jobs image by image; with ``fid_bootstrap``, also
+        ``RUN/eval/boot_step_XXXXXXX.npz``: each bootstrap replicate's FID (``fid``) and KID
+        (``kid``) minus their mean, with the ``seed`` and ``num_samples`` that fixed the
+        resamplings, so that two jobs pair their FID and KID errors replicate by replicate."""
+        folder = Path(trainer.default_root_dir) / "eval"
+        path = folder / f"bpd_step_{step:07d}.npz"
         with atomic_write(path) as f:
             np.savez(f, bpd=self.last_bpd_per_image.numpy(), seed=self.seed,
                      timesteps=self.nll_timesteps)
+        if self.last_bootstrap:
+            with atomic_write(folder / f"boot_step_{step:07d}.npz") as f:
+                np.savez(f, **self.last_bootstrap, seed=self.seed, num_samples=self.num_samples)
         return path
 
     def evaluate_nll(self, trainer, pl_module) -> dict:
