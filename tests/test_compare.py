@@ -140,11 +140,11 @@ def test_groups_are_settings_over_their_seeds(tmp_path):
         in report
 
 
-def _eval_job(sweep, name, overrides, fid, kid, per_image, step=10, boot=None, num_samples=200,
-              extra_rows=""):
+def _eval_job(sweep, name, overrides, fid, kid, per_image, step=10, jack=None,
+              num_samples=200, extra_rows=""):
     """A job with one evaluation at ``step``: FID ± 1, KID ± 0.001 (its subset spread; no
-    kid_se, as before the bootstrap kept KID), each held-out image's bits/dim (their mean is
-    eval/bpd), and with ``boot`` each bootstrap replicate's FID and KID deviation."""
+    kid_se, as before the jackknife), each held-out image's bits/dim (their mean is eval/bpd),
+    and with ``jack`` the jackknife's leave-a-group-out FIDs (and KIDs, ``jack`` / 1000)."""
     import numpy as np
 
     _job(sweep, name, overrides, [0.5])
@@ -160,8 +160,8 @@ def _eval_job(sweep, name, overrides, fid, kid, per_image, step=10, boot=None, n
         f"nll_images: {len(bpd)}, every_n_steps: 5}}}}\n")
     (sweep / name / "eval").mkdir()
     np.savez(sweep / name / "eval" / f"bpd_step_{step:07d}.npz", bpd=bpd, seed=0, timesteps=16)
-    if boot is not None:
-        np.savez(sweep / name / "eval" / f"boot_step_{step:07d}.npz", fid=boot, kid=boot / 1000,
+    if jack is not None:
+        np.savez(sweep / name / "eval" / f"jackknife_step_{step:07d}.npz", fid=jack, kid=jack / 1000,
                  seed=0, num_samples=num_samples)
 
 
@@ -197,7 +197,7 @@ def test_paired_differences_are_narrower_on_correlated_data_and_equal_on_indepen
 def test_pairs_of_one_seed_resolve_bits_per_dim_by_pairing_images(tmp_path):
     """One seed each: a bits/dim shift of 0.01 under an image spread of 0.5 is resolved by the
     pairing over images (an unpaired comparison, the mutant, cannot see it); FID 2 apart with
-    bootstrap errors of 1 is not, and the verdict says how many samples would resolve it."""
+    standard errors of 1 is not, and the verdict says how many samples would resolve it."""
     import json
 
     sweep = tmp_path / "sweep"
@@ -214,7 +214,7 @@ def test_pairs_of_one_seed_resolve_bits_per_dim_by_pairing_images(tmp_path):
     assert bpd["verdict"] == "lower" and bpd["high"] < 0 and bpd["to_resolve"] is None
     # FID: −2 ± 1.96·√2 includes 0; an 80% chance needs (1.96 + 0.84)·√2 / 2 · se(n) ≤ 1,
     # n = 200 × 1.981² = 785 samples
-    assert fid["over"] == "bootstrap (unpaired)" and fid["difference"] == pytest.approx(-2.0)
+    assert fid["over"] == "jackknife (unpaired)" and fid["difference"] == pytest.approx(-2.0)
     assert fid["verdict"] == "no difference resolved at this N and seed count"
     assert fid["to_resolve"].startswith("about 785 samples (callbacks.eval.num_samples) for an "
                                         "80% chance")
@@ -259,23 +259,23 @@ def test_pairs_over_seeds(tmp_path):
     assert np.isclose(groups["schedule=linear"]["metrics"]["final_fid"]["mean"], 42.0)
 
 
-def test_one_seed_fid_and_kid_pair_over_the_same_bootstrap_replicates(tmp_path):
-    """One seed each, FID 2 apart with bootstrap errors of 1 each: the replicates of the two
-    jobs move together (they resample the same samples, which share x_T), so the paired error
-    is about 0.3 and the difference is resolved; ignoring the pairing (the mutant: the files
-    removed) leaves it unresolved."""
+def test_one_seed_fid_and_kid_pair_over_the_same_jackknife_groups(tmp_path):
+    """One seed each, FID 2 apart with standard errors of about 1 each: the leave-a-group-out
+    values of the two jobs move together (they leave out the same samples, which share x_T),
+    so the paired error is about 0.3 and the difference is resolved; ignoring the pairing (the
+    mutant: the files removed) leaves it unresolved."""
     import json
     import shutil
 
     import numpy as np
 
     rng = np.random.default_rng(0)
-    shared = rng.normal(0, 1.0, 100)
-    boot_a, boot_b = shared + rng.normal(0, 0.2, 100), shared + rng.normal(0, 0.2, 100)
+    shared = rng.normal(0, 0.1, 100)  # 100 groups: se = √(99/100 · Σ(v − v̄)²) ≈ 1
+    jack_a, jack_b = 50 + shared + rng.normal(0, 0.02, 100), 52 + shared + rng.normal(0, 0.02, 100)
     sweep = tmp_path / "sweep"
     a, b = _correlated_images()
-    _eval_job(sweep, "0", ["schedule=cosine"], 50.0, 0.020, a, boot=boot_a - boot_a.mean())
-    _eval_job(sweep, "1", ["schedule=linear"], 52.0, 0.021, b, boot=boot_b - boot_b.mean())
+    _eval_job(sweep, "0", ["schedule=cosine"], 50.0, 0.020, a, jack=jack_a)
+    _eval_job(sweep, "1", ["schedule=linear"], 52.0, 0.021, b, jack=jack_b)
 
     def got():
         compare.main([str(sweep), "--baseline", "schedule=linear"])
@@ -283,8 +283,9 @@ def test_one_seed_fid_and_kid_pair_over_the_same_bootstrap_replicates(tmp_path):
                 json.loads((sweep / "compare" / "summary.json").read_text())["pairs"]}
 
     fid, kid = got()["fid"], got()["kid"]
-    error = np.std(boot_a - boot_b, ddof=1)
-    assert fid["over"] == "bootstrap replicates (paired)" and fid["n"] == 100
+    diff = jack_a - jack_b
+    error = (99 / 100 * ((diff - diff.mean()) ** 2).sum()) ** 0.5
+    assert 0.2 < error < 0.4 and fid["over"] == "jackknife groups (paired)" and fid["n"] == 100
     assert (fid["low"], fid["high"]) == pytest.approx((-2 - 1.959964 * error,
                                                        -2 + 1.959964 * error))
     assert fid["verdict"] == "lower" and kid["verdict"] == "lower"
@@ -292,7 +293,7 @@ def test_one_seed_fid_and_kid_pair_over_the_same_bootstrap_replicates(tmp_path):
         shutil.rmtree(sweep / job / "eval")
         (sweep / job / "eval").mkdir()
     fid = got()["fid"]
-    assert fid["over"] == "bootstrap (unpaired)" and fid["verdict"].startswith("no difference")
+    assert fid["over"] == "jackknife (unpaired)" and fid["verdict"].startswith("no difference")
 
 
 def test_a_job_that_stopped_short_is_compared_where_it_stopped(tmp_path):
@@ -365,7 +366,7 @@ def test_fid_at_different_sample_counts_is_not_compared(tmp_path):
 
 def test_to_resolve_counts_give_an_80_percent_chance():
     """The count of seeds that would resolve a difference gives the t-interval an 80% chance
-    to exclude 0 (checked by simulation at that count), and the count for a bootstrap error
+    to exclude 0 (checked by simulation at that count), and the count for a jackknife error
     scales with 1/√N: (1.96 + 0.84)² · (se/d)² · N."""
     import numpy as np
     from scipy.stats import t as student_t

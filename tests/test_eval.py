@@ -89,7 +89,7 @@ def test_eval_with_an_empty_torch_hub_cache_builds_the_weights(tmp_path):
     assert (home / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth").is_file()
     rows = read_metrics(run)
     assert [s for s, _ in series(rows, "eval/fid")] == [2]
-    # FID's bootstrap error and KID with its spread, from the cached reference features
+    # FID's jackknife error and KID with its spread, from the cached reference features
     (_, se), (_, kid), (_, kid_std) = (series(rows, k)[0] for k in
                                        ("eval/fid_se", "eval/kid", "eval/kid_std"))
     assert se > 0 and kid_std > 0 and kid > 2 * kid_std  # an untrained model: far from data
@@ -103,14 +103,16 @@ def test_eval_with_an_empty_torch_hub_cache_builds_the_weights(tmp_path):
         per_image, seed, strata = f["bpd"], int(f["seed"]), int(f["timesteps"])
     assert per_image.shape == (10,) and (seed, strata) == (0, 5)
     assert per_image.mean() == pytest.approx(series(rows, "eval/bpd")[0][1], rel=1e-9)
-    # each bootstrap replicate's FID and KID, kept for paired comparisons: their spread is the
-    # logged standard error
-    with np.load(run / "eval" / "boot_step_0000002.npz") as f:
-        fid_reps, kid_reps, n = f["fid"], f["kid"], int(f["num_samples"])
+    # the jackknife's leave-a-group-out FIDs and KIDs, kept for paired comparisons (at most N
+    # groups: 6 samples, 6 groups): their jackknife spread is the logged standard error
+    from ddpm_lightning.metrics.fid import jackknife_se
+
+    with np.load(run / "eval" / "jackknife_step_0000002.npz") as f:
+        fids, kids, n = f["fid"], f["kid"], int(f["num_samples"])
     kid_se = series(rows, "eval/kid_se")[0][1]
-    assert fid_reps.shape == kid_reps.shape == (100,) and n == 6
-    assert fid_reps.std(ddof=1) == pytest.approx(se, rel=1e-9)
-    assert kid_reps.std(ddof=1) == pytest.approx(kid_se, rel=1e-9) and kid_se > 0
+    assert fids.shape == kids.shape == (6,) and n == 6
+    assert jackknife_se(fids) == pytest.approx(se, rel=1e-9)
+    assert jackknife_se(kids) == pytest.approx(kid_se, rel=1e-9) and kid_se > 0
 
 
 def test_unbuildable_weights_stop_a_sweep_before_any_folder(tmp_path):

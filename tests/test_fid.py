@@ -355,7 +355,7 @@ from ddpm_lightning.training.evaluation import EvalCallback
 out = Path({out!r})
 cb = EvalCallback(every_n_steps=2, num_samples=5, batch_size=4, sampler={{"name": "ddim", "steps": 3}},
                   reference={{"split": "train", "max_images": 10, "cache_dir": str(out / "stats")}},
-                  weights_path={weights!r}, inception_batch_size=8, fid_bootstrap=10,
+                  weights_path={weights!r}, inception_batch_size=8, jackknife_groups=5,
                   kid_subsets=5, nll_images=10, nll_timesteps=4, nll_batch_size=3)
 trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2, limit_val_batches=0,
                     logger=CSVLogger(out, name="csv"), enable_checkpointing=False,

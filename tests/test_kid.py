@@ -1,6 +1,6 @@
 """The uncertainty of the sample-quality metrics: KID against torch-fidelity's formula, FID's
-fast form against ``fid_from_stats``, the FID bootstrap's standard error against the spread of
-FID over independent draws, and the in-repo FID against torchmetrics' (the oracle)."""
+fast form against ``fid_from_stats``, FID's and KID's jackknife standard errors against the
+spread over independent draws, and the in-repo FID against torchmetrics' (the oracle)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_lightning.metrics.fid import (
-    FeatureMoments,
-    FrechetToReference,
-    bootstrap_indices,
-    fid_from_stats,
-)
-from ddpm_lightning.metrics.kid import kid_bootstrap, kid_from_features
+from ddpm_lightning.metrics.fid import FeatureMoments, FrechetToReference, fid_from_stats
+from ddpm_lightning.metrics.kid import kid_from_features, kid_jackknife
 
 
 def _gaussian(n: int, d: int, seed: int, scale: float = 1.0, shift: float = 0.0):
@@ -57,49 +52,74 @@ def test_fast_fid_equals_fid_from_stats(n):
         fid_from_stats(mu, sigma, mu_r, sigma_r), rel=1e-10)
 
 
-def test_fid_bootstrap_se_matches_the_spread_over_independent_draws():
-    """The standard deviation of FID over 200 independent draws of N = 150 samples, and the
-    bootstrap's standard error from one draw, agree within 35% (a mutant that resamples the
-    indices without replacement gives an SE of 0 and fails)."""
-    d, n = 16, 150
-    mu_r, sigma_r = np.zeros(d), np.diag(np.linspace(0.5, 1.5, d))
-    frechet = FrechetToReference(mu_r, sigma_r)
+def _decaying(n: int, d: int, seed: int, scale: float = 1.0, shift: float = 0.0):
+    """Gaussian features whose variances fall like Inception features' (1 / (1 + i/10))."""
+    g = torch.Generator().manual_seed(seed)
+    spectrum = 1.0 / torch.sqrt(1 + torch.arange(d, dtype=torch.float64) / 10)
+    return torch.randn(n, d, generator=g, dtype=torch.float64) * spectrum * scale + shift
+
+
+@pytest.mark.parametrize("n", [30, 200])  # below and above the reference's rank (d = 16 → 16)
+def test_fid_jackknife_leaves_out_each_group_exactly(n):
+    """Each leave-a-group-out value (sample i in group i mod K) equals the FID of the kept
+    samples computed from scratch, whether the Gram matrix is taken in sample space (N ≤ r)
+    or in the reference's range (N > r); se² = (K − 1)/K · Σ (v_k − v̄)²."""
+    x = _gaussian(n, 16, 0, scale=1.2, shift=0.1)
+    ref = _gaussian(500, 16, 1)
+    frechet = FrechetToReference(ref.mean(0).numpy(), np.cov(ref.numpy(), rowvar=False))
+    jack = frechet.jackknife(x, groups=5)
+    want = np.array([frechet(x[torch.arange(n) % 5 != k]) for k in range(5)])
+    np.testing.assert_allclose(jack["values"], want, rtol=1e-9)
+    assert jack["se"] == pytest.approx((4 / 5 * ((want - want.mean()) ** 2).sum()) ** 0.5)
+    assert jack["fid"] == pytest.approx(frechet(x), rel=1e-12)
+    assert jack["high"] - jack["fid"] == pytest.approx(1.959964 * jack["se"], rel=1e-6)
+    with pytest.raises(ValueError, match="jackknife groups=1 must be an integer in"):
+        frechet.jackknife(x, groups=1)
+
+
+def test_fid_jackknife_se_matches_the_spread_over_independent_draws():
+    """FID's error at N where N is below the feature dimension (N = 100 samples of d = 512,
+    as 200 samples of Inception's 2048): the jackknife's SE from one draw and the standard
+    deviation of FID over 100 independent draws agree within 40%. The bootstrap (the mutant:
+    FIDs of resamplings with replacement) overstates it about 5-fold here, as duplicated
+    samples lower the rank of Σ_g."""
+    d, n = 512, 100
+    ref = _decaying(2000, d, 0)
+    frechet = FrechetToReference(ref.mean(0).numpy(), np.cov(ref.numpy(), rowvar=False))
 
     def draw(seed):
-        return _gaussian(n, d, seed, scale=1.2, shift=0.2)
+        return _decaying(n, d, seed, scale=1.1, shift=0.02)
 
-    spread = np.std([frechet(draw(100 + i)) for i in range(200)], ddof=1)
-    ses = [frechet.bootstrap(draw(i), replicates=200, seed=i)["se"] for i in range(5)]
-    assert np.mean(ses) == pytest.approx(spread, rel=0.35), (ses, spread)
-    boot = frechet.bootstrap(draw(0), replicates=50, seed=0)
-    assert boot["low"] < boot["fid"] < boot["high"]
-    assert boot["high"] - boot["fid"] == pytest.approx(1.959964 * boot["se"], rel=1e-6)
+    spread = np.std([frechet(draw(100 + i)) for i in range(100)], ddof=1)
+    ses = [frechet.jackknife(draw(i), groups=50)["se"] for i in range(5)]
+    assert np.mean(ses) == pytest.approx(spread, rel=0.4), (ses, spread)
 
 
-def test_kid_bootstrap_replicates_leave_out_pairs_of_one_sample():
-    """Each replicate is the unbiased MMD² of the resampled set, its within-set mean taken over
-    the pairs of draws of different samples: equal, up to the reference's constant term, to a
-    brute-force loop (a mutant that pairs a sample drawn twice with itself fails)."""
+def test_kid_jackknife_leaves_out_each_group_exactly():
+    """Each leave-out value is the unbiased MMD² of the kept samples against all the reference
+    features, up to the reference's within-set term (the same in every value), computed from
+    scratch; the groups are FID's (sample i in group i mod K)."""
     x, y = _gaussian(40, 6, 0), _gaussian(50, 6, 1, shift=0.3)
-    idx = bootstrap_indices(40, 6, seed=3)
-    got = kid_bootstrap(x, y, idx)
 
     def k(a, b):
         return (a @ b.T / 6 + 1) ** 3
 
+    got = kid_jackknife(x, y, groups=4)
     want = []
-    for row in idx:
-        xs = x[row]
-        distinct = row[:, None] != row[None, :]
-        want.append(float(k(xs, xs)[distinct].mean() - 2 * k(xs, y).mean()))
-    want = np.array(want)
-    np.testing.assert_allclose(got["deviations"], want - want.mean(), atol=1e-12)
-    assert got["se"] == pytest.approx(np.std(want, ddof=1), rel=1e-9)
+    for g in range(4):
+        xs = x[torch.arange(40) % 4 != g]
+        kxx = k(xs, xs)
+        m = len(xs)
+        want.append(float((kxx.sum() - kxx.diagonal().sum()) / (m * (m - 1))
+                          - 2 * k(xs, y).mean()))
+    np.testing.assert_allclose(got["values"], want, atol=1e-12)
+    assert got["se"] == pytest.approx((3 / 4 * ((np.array(want) - np.mean(want)) ** 2).sum())
+                                      ** 0.5)
 
 
-def test_kid_bootstrap_se_matches_the_spread_over_independent_draws():
+def test_kid_jackknife_se_matches_the_spread_over_independent_draws():
     """KID's error at N: the standard deviation of KID (the subset average that eval/kid logs)
-    over 80 independent draws of N = 200 samples and the bootstrap's SE from one draw agree
+    over 50 independent draws of N = 200 samples and the jackknife's SE from one draw agree
     within 25%; the spread of single subsets (kid_std) overstates it by more than 1.4×."""
     d, n = 16, 200
     ref = _gaussian(1000, d, 0)
@@ -107,24 +127,11 @@ def test_kid_bootstrap_se_matches_the_spread_over_independent_draws():
     def draw(seed):
         return _gaussian(n, d, 1000 + seed, scale=1.1, shift=0.2)
 
-    kids = [kid_from_features(draw(i), ref, 100, 100, seed=0) for i in range(80)]
+    kids = [kid_from_features(draw(i), ref, 50, 100, seed=0) for i in range(50)]
     spread = np.std([k["kid"] for k in kids], ddof=1)
-    ses = [kid_bootstrap(draw(i), ref, bootstrap_indices(n, 100, seed=0))["se"] for i in range(8)]
+    ses = [kid_jackknife(draw(i), ref, groups=50)["se"] for i in range(8)]
     assert np.mean(ses) == pytest.approx(spread, rel=0.25), (ses, spread)
     assert np.mean([k["kid_std"] for k in kids]) > 1.4 * spread
-
-
-def test_fid_and_kid_bootstraps_draw_the_same_resamplings():
-    """FID's bootstrap resamples with ``bootstrap_indices``: its replicates are the FIDs of
-    those very index sets, so KID's bootstrap (given the same indices) pairs with it, and two
-    jobs with the same seed and N resample the same samples."""
-    mu_r, sigma_r = np.zeros(8), np.eye(8)
-    frechet = FrechetToReference(mu_r, sigma_r)
-    x = _gaussian(60, 8, 5, shift=0.1)
-    boot = frechet.bootstrap(x, replicates=5, seed=7)
-    reps = np.array([frechet(x[i]) for i in bootstrap_indices(60, 5, seed=7)])
-    np.testing.assert_allclose(boot["deviations"], reps - reps.mean(), atol=1e-12)
-    assert torch.equal(bootstrap_indices(60, 5, seed=7), bootstrap_indices(60, 5, seed=7))
 
 
 def test_fid_equals_torchmetrics_without_antialiasing(weights):

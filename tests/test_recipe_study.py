@@ -28,7 +28,7 @@ def test_a_tiny_study_end_to_end(tmp_path, weights, monkeypatch):
     argv = [str(out), *tiny, "callbacks.eval.num_samples=6", "callbacks.eval.batch_size=6",
             "callbacks.eval.reference.max_images=16", "callbacks.eval.nll_images=8",
             "callbacks.eval.nll_timesteps=4", "callbacks.eval.kid_subset_size=3",
-            "callbacks.eval.fid_bootstrap=0", "module.posthoc.every_n_steps=5",
+            "callbacks.eval.jackknife_groups=0", "module.posthoc.every_n_steps=5",
             "--experiment", "cpu_embedded", "--minutes", "0.2", "--variants", "today", "v_zt",
             "--n", "6", "--nfe", "4", "--eval-every", "5", "--posthoc", "0.1",
             f"--nfe-args=--batch-size 6 --ref-max-images 16 --grid 3 --weights-path {weights}"]

@@ -79,7 +79,7 @@ def test_nll_reports_the_parts_of_the_bound(ckpt, tmp_path):
     (["sampler.eta=-1"], "sampler.eta=-1 is invalid"),
     (["metrics=[fid,bogus]"], "metrics=['fid', 'bogus'] has unknown 'bogus'"),
     (["compile=maybe"], "compile='maybe' is invalid; it must be true or false"),
-    (["fid.bootstrap=1"], "fid.bootstrap=1 is invalid; use 0 (none) or at least 2"),
+    (["fid.jackknife_groups=1"], "fid.jackknife_groups=1 is invalid; use 0 (none) or 2 to"),
     (["fid.kid_subset_size=1"], "fid.kid_subset_size=1 is invalid; it must be an integer >= 2"),
     (["precision=16-mixed"], "precision='16-mixed' is not supported for sampling; use 32-true "
                              "or bf16-mixed"),
@@ -128,15 +128,15 @@ def test_offline_fid_and_is_refusal(ckpt, tmp_path, torch_home):
     env = {"TORCH_HOME": str(torch_home), "DDPM_FID_CACHE": str(tmp_path / "stats")}
     out = tmp_path / "fid"
     proc = _sample(ckpt, out, "num_samples=8", "sampler.name=ddim", "sampler.steps=5",
-                   "metrics=[fid,kid]", "fid.reference_max_images=16", "fid.bootstrap=20",
+                   "metrics=[fid,kid]", "fid.reference_max_images=16", "fid.jackknife_groups=4",
                    "fid.kid_subsets=10", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads((out / "metrics.json").read_text())
     fid, kid = got["fid"], got["kid"]
     assert np.isfinite(fid["value"]) and fid["value"] > 0 and fid["reference"] == "train"
-    assert fid["low"] < fid["value"] < fid["high"] and fid["se"] > 0 and fid["bootstrap"] == 20
+    assert fid["low"] < fid["value"] < fid["high"] and fid["se"] > 0 and fid["jackknife_groups"] == 4
     assert kid["value"] > 0 and kid["std"] > 0 and (kid["subsets"], kid["subset_size"]) == (10, 8)
-    assert kid["se"] > 0 and kid["bootstrap"] == 20  # KID's error, from FID's resamplings
+    assert kid["se"] > 0 and kid["jackknife_groups"] == 4  # KID's error, FID's groups
     assert list((tmp_path / "stats").glob("embedded_train_16*.npz"))  # cached reference
     out = tmp_path / "is"
     proc = _sample(ckpt, out, "num_samples=8", "metrics=[is]", env=env)

@@ -42,10 +42,12 @@ def validate(cfg: DictConfig) -> dict:
     """Check the request before any work; return the sampler settings given (non-null)."""
     for key in ("num_samples", "batch_size", "devices", "grid_size"):
         check_int(key, cfg[key], 0 if key == "grid_size" else 1)
-    for key, lo in (("bootstrap", 0), ("kid_subsets", 1), ("kid_subset_size", 2)):
+    for key, lo in (("jackknife_groups", 0), ("kid_subsets", 1), ("kid_subset_size", 2)):
         check_int(f"fid.{key}", cfg.fid[key], lo)
-    if cfg.fid.bootstrap == 1:
-        raise ConfigError("fid.bootstrap=1 is invalid; use 0 (none) or at least 2 resamplings")
+    groups = cfg.fid.jackknife_groups
+    if groups == 1 or groups > cfg.num_samples:
+        raise ConfigError(f"fid.jackknife_groups={groups} is invalid; use 0 (none) or 2 to "
+                          f"num_samples={cfg.num_samples}")
     if str(cfg.precision) not in PRECISIONS:
         raise ConfigError(f"precision={cfg.precision!r} is not supported for sampling; use "
                           f"{' or '.join(PRECISIONS)} (the U-Net under bf16 autocast)")
@@ -178,11 +180,11 @@ def nll(job: SamplingJob) -> dict:
 
 
 def quality(job: SamplingJob, images: torch.Tensor) -> dict:
-    """FID (with its bootstrap standard error when ``fid.bootstrap`` > 0) and KID against the
-    cached reference (statistics, and features for KID), and the Inception Score, as
+    """FID (with its jackknife standard error when ``fid.jackknife_groups`` > 0) and KID against
+    the cached reference (statistics, and features for KID), and the Inception Score, as
     requested. The samples' features are computed once for FID and KID."""
     from ddpm_lightning.metrics import fid as fidlib
-    from ddpm_lightning.metrics.kid import kid_bootstrap, kid_from_features
+    from ddpm_lightning.metrics.kid import kid_from_features, kid_jackknife
     from ddpm_lightning.metrics.reference import reference_stats
 
     cfg, device, out = job.cfg.fid, job.fabric.device, {}
@@ -200,19 +202,18 @@ def quality(job: SamplingJob, images: torch.Tensor) -> dict:
         if "fid" in wanted:
             frechet = fidlib.FrechetToReference(*ref[:2])
             out["fid"] = {"value": frechet(features), **where}
-            if cfg.bootstrap:
-                boot = frechet.bootstrap(features, cfg.bootstrap, seed=job.cfg.seed)
-                out["fid"].update(se=boot["se"], low=boot["low"], high=boot["high"],
-                                  bootstrap=cfg.bootstrap)
+            if cfg.jackknife_groups:
+                jack = frechet.jackknife(features, cfg.jackknife_groups)
+                out["fid"].update(se=jack["se"], low=jack["low"], high=jack["high"],
+                                  jackknife_groups=cfg.jackknife_groups)
         if "kid" in wanted:
             size = min(cfg.kid_subset_size, n, len(ref[2]))
             kid = kid_from_features(features, ref[2], cfg.kid_subsets, size, seed=job.cfg.seed)
             out["kid"] = {"value": kid["kid"], "std": kid["kid_std"], "subsets": kid["subsets"],
                           "subset_size": kid["subset_size"], **where}
-            if cfg.bootstrap:  # KID's error at this N, from the same resamplings as FID's
-                idx = fidlib.bootstrap_indices(n, cfg.bootstrap, job.cfg.seed)
-                out["kid"].update(se=kid_bootstrap(features, ref[2], idx)["se"],
-                                  bootstrap=cfg.bootstrap)
+            if cfg.jackknife_groups:  # KID's error at this N, from the same groups as FID's
+                out["kid"].update(se=kid_jackknife(features, ref[2], cfg.jackknife_groups)["se"],
+                                  jackknife_groups=cfg.jackknife_groups)
     if "is" in wanted:
         mean, std = fidlib.inception_score(images, splits=cfg.is_splits, device=device,
                                            weights_path=cfg.weights_path, download=cfg.download)

@@ -234,7 +234,7 @@ def fid_from_stats(mu1, sigma1, mu2, sigma2) -> float:
 
 
 class FrechetToReference:
-    """FID of feature sets against one fixed reference (µ_r, Σ_r), fast enough to bootstrap.
+    """FID of feature sets against one fixed reference (µ_r, Σ_r), fast enough to jackknife.
 
     Σ_r = R Rᵀ is factored once (on its numerical range). For features X [N, d] with centred
     rows C, Σ_g = CᵀC / (N − 1), and the nonzero spectrum of Σ_g Σ_r is that of
@@ -264,41 +264,70 @@ class FrechetToReference:
         centred = x - mean
         m = centred @ self.factor
         gram = m @ m.T if n <= m.shape[1] else m.T @ m
+        return self._from_moments(n, mean, gram, float((centred * centred).sum()) / (n - 1))
+
+    def _from_moments(self, n: int, mean_x, gram, trace_g: float) -> float:
+        """FID of a set of ``n`` features from its mean, the Gram matrix of its centred rows
+        times R (either orientation: the same nonzero spectrum) and tr Σ_g."""
         lam = torch.linalg.eigvalsh(gram).numpy() / (n - 1)
         tr_sqrt = np.sqrt(lam[_above_roundoff(lam)]).sum()
-        diff = mean.numpy() - self.mu
-        trace_g = float((centred * centred).sum()) / (n - 1)
+        diff = mean_x.numpy() - self.mu
         return float(diff @ diff + trace_g + self.trace - 2.0 * tr_sqrt)
 
-    def bootstrap(self, features, replicates: int = 100, seed: int = 0,
-                  confidence: float = 0.95) -> dict:
-        """FID's sampling error at this N: the FID of ``replicates`` resamplings (with
-        replacement, ``bootstrap_indices(N, replicates, seed)``) of the generated features,
-        the reference fixed. ``{"fid", "se", "low", "high", "replicates", "deviations"}``: the
-        FID of all the features, the replicates' standard deviation, the normal interval
-        fid ± z·se, and each replicate's FID minus their mean. Two jobs with the same seed and N
-        draw the same resamplings, so the standard deviation of the difference of their
-        ``deviations`` is the error of their FID difference, paired over the samples that
-        share an x_T (``tools.pairs``)."""
+    def jackknife(self, features, groups: int = 50, confidence: float = 0.95) -> dict:
+        """FID's sampling error at this N, the reference fixed: the grouped (delete-a-group)
+        jackknife. Sample i is in group i mod ``groups``; each group is left out in turn, and
+        se² = (K − 1)/K · Σ_k (FID_(k) − mean)². ``{"fid", "se", "low", "high", "groups",
+        "values"}``: the FID of all the features, se, the normal interval fid ± z·se, and the
+        K leave-a-group-out FIDs. Two jobs with the same N and K leave out the same samples
+        (which share their x_T), so their ``values`` pair group by group (``tools.pairs``).
+
+        Not the bootstrap: resampling with replacement leaves about 63% distinct samples, and
+        when N is below the feature dimension (200 against 2048) that lowers the rank of Σ_g,
+        so the bootstrap's spread overstated FID's real sampling error 5.6-fold on Gaussian
+        features of that shape; the jackknife's was within 10% (a test). The K leave-out FIDs
+        share one N×d×r product: each costs one small eigendecomposition."""
         from scipy.stats import norm
 
         x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+        n = len(x)
+        check_groups(groups, n)
+        m = x @ self.factor  # [N, r], uncentred
+        label = torch.arange(n) % groups
+        sum_x, sum_m, sumsq = x.sum(0), m.sum(0), float((x * x).sum())
+        small = n - (n + groups - 1) // groups <= m.shape[1]  # sample-space Gram is smaller
+        cross = None if small else m.T @ m
+        values = np.empty(groups)
+        for k in range(groups):
+            out = label == k
+            nk = n - int(out.sum())
+            mean_x, mean_m = (sum_x - x[out].sum(0)) / nk, (sum_m - m[out].sum(0)) / nk
+            if small:
+                kept = m[~out] - mean_m
+                gram = kept @ kept.T
+            else:
+                gram = cross - m[out].T @ m[out] - nk * torch.outer(mean_m, mean_m)
+            trace_g = (sumsq - float((x[out] ** 2).sum()) - nk * float(mean_x @ mean_x)) / (nk - 1)
+            values[k] = self._from_moments(nk, mean_x, (gram + gram.T) / 2, trace_g)
         value = self(x)
-        reps = np.array([self(x[idx]) for idx in bootstrap_indices(len(x), replicates, seed)])
-        se = float(np.std(reps, ddof=1))
+        se = jackknife_se(values)
         half = float(norm.ppf((1 + confidence) / 2)) * se
         return {"fid": value, "se": se, "low": value - half, "high": value + half,
-                "replicates": replicates, "deviations": reps - reps.mean()}
+                "groups": groups, "values": values}
 
 
-def bootstrap_indices(n: int, replicates: int, seed: int) -> torch.Tensor:
-    """[replicates, n] indices drawn with replacement from range(n) by a generator of their own
-    seeded by ``seed`` (never the training RNG): FID's and KID's bootstraps resample the same
-    samples, and so does every job with the same seed and N."""
-    if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 2:
-        raise ValueError(f"bootstrap replicates={replicates!r} must be an integer >= 2")
-    g = torch.Generator().manual_seed(seed)
-    return torch.stack([torch.randint(n, (n,), generator=g) for _ in range(replicates)])
+def check_groups(groups, n: int) -> None:
+    """The jackknife needs 2 <= K <= N groups (K = N leaves out one sample at a time)."""
+    if isinstance(groups, bool) or not isinstance(groups, int) or not 2 <= groups <= n:
+        raise ValueError(f"jackknife groups={groups!r} must be an integer in [2, N = {n}]")
+
+
+def jackknife_se(values, groups: int | None = None) -> float:
+    """The grouped jackknife's standard error from the K leave-a-group-out values (or from
+    the differences of two jobs' values, paired group by group)."""
+    v = np.asarray(values, dtype=np.float64)
+    k = len(v) if groups is None else groups
+    return float(np.sqrt((k - 1) / k * ((v - v.mean()) ** 2).sum()))
 
 
 # ------------------------------------------------------------------ statistics files

@@ -30,7 +30,7 @@ def t_interval(values: Sequence[float], confidence: float = 0.95) -> dict:
 
 
 def normal_interval(value: float, se: float, confidence: float = 0.95) -> dict:
-    """``{"mean", "low", "high", "se"}``: value ± z_{(1+c)/2} · se (a bootstrap's or a
+    """``{"mean", "low", "high", "se"}``: value ± z_{(1+c)/2} · se (a jackknife's or a
     subset spread's standard error, where there are no replicates to take a t from)."""
     from scipy.stats import norm
 
@@ -90,7 +90,7 @@ def replicates_to_resolve(sd: float, difference: float, confidence: float = 0.95
 def samples_to_resolve(se: float, n: int, difference: float, confidence: float = 0.95,
                        power: float = 0.8, limit: int = 10_000_000) -> int | None:
     """For a standard error ``se`` measured at ``n`` samples and shrinking as 1/√n (a
-    bootstrap's): the n at which the normal interval would exclude 0 with probability
+    jackknife's): the n at which the normal interval would exclude 0 with probability
     ``power`` if the difference stayed as measured, (z_{(1+c)/2} + z_{power}) · se(n) ≤
     |difference|; None when the difference is 0 or not finite, or more than ``limit`` would
     be needed."""

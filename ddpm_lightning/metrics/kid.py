@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ddpm_lightning.metrics.fid import check_groups, jackknife_se
+
 
 def _unbiased_mmd2(x: torch.Tensor, y: torch.Tensor) -> float:
     """The unbiased MMD² of two equal-size sets under the cubic polynomial kernel:
@@ -62,33 +64,28 @@ def kid_from_features(features, reference, subsets: int = 100, subset_size: int 
             "subset_size": int(subset_size)}
 
 
-def kid_bootstrap(features, reference, indices) -> dict:
-    """KID's sampling error at this N: the unbiased MMD² of all the generated ``features``
-    [N, d] against all the ``reference`` features, recomputed for each resampling of the
-    generated features in ``indices`` [B, N] (``metrics.fid.bootstrap_indices``: the same
-    resamplings as FID's bootstrap), the reference fixed.
+def kid_jackknife(features, reference, groups: int = 50) -> dict:
+    """KID's sampling error at this N, the reference fixed: the grouped jackknife of the
+    unbiased MMD² of all the generated ``features`` [N, d] against all the ``reference``
+    features, with the groups of ``metrics.fid.FrechetToReference.jackknife`` (sample i in
+    group i mod K), so FID's and KID's leave-out values, and two jobs', pair group by group.
 
-    Within a resampling a sample drawn twice is not paired with itself: the within-set mean of k
-    runs over the pairs of draws of *different* samples, so each replicate stays unbiased.
-    The kernel matrices are computed once (N×N and N×M), so a replicate costs O(N²).
-    ``{"se", "deviations"}``: the replicates' standard deviation (the error of ``kid`` at this
-    N, unlike ``kid_std``, which is the spread of single subsets), and each replicate minus
-    their mean. The reference's within-set term is the same in every replicate and cancels
-    from both, so it is never computed."""
+    The kernel matrices are computed once (N×N and N×M), so a leave-out value costs O(N²).
+    ``{"se", "values"}``: the jackknife's standard error (the error of ``kid`` at this N,
+    unlike ``kid_std``, which is the spread of single subsets) and the K leave-out values.
+    The reference's within-set term is the same in every leave-out value, so it is left out
+    of them (it cancels from their spread and from two jobs' differences)."""
     x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
     y = torch.as_tensor(np.asarray(reference), dtype=torch.float64)
-    idx = torch.as_tensor(indices, dtype=torch.long)
-    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1] or idx.ndim != 2 \
-            or idx.shape[1] != len(x) or len(idx) < 2:
-        raise ValueError(f"KID bootstrap needs features [N, d], reference [M, d] and indices "
-                         f"[B >= 2, N]; got {tuple(x.shape)}, {tuple(y.shape)}, {tuple(idx.shape)}")
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"KID needs features [N, d] and [M, d], got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
     n, d = x.shape
+    check_groups(groups, n)
     kxx = (x @ x.T / d + 1.0) ** 3
     kxy_mean = ((x @ y.T / d + 1.0) ** 3).mean(1)  # [N]: each sample's mean k to the reference
-    counts = torch.zeros(len(idx), n, dtype=torch.float64).scatter_add_(
-        1, idx, torch.ones_like(idx, dtype=torch.float64))  # [B, N]: draws of each sample
-    same = (counts**2 * kxx.diagonal()).sum(1)  # pairs of draws of one sample, itself included
-    pairs = n * n - (counts**2).sum(1)
-    within = (((counts @ kxx) * counts).sum(1) - same) / pairs
-    reps = (within - 2.0 * counts @ kxy_mean / n).numpy()
-    return {"se": float(np.std(reps, ddof=1)), "deviations": reps - reps.mean()}
+    kept = (torch.arange(n)[None, :] % groups != torch.arange(groups)[:, None]).double()  # [K, N]
+    size = kept.sum(1)
+    within = (((kept @ kxx) * kept).sum(1) - kept @ kxx.diagonal()) / (size * (size - 1))
+    values = (within - 2.0 * (kept @ kxy_mean) / size).numpy()
+    return {"se": jackknife_se(values), "values": values}

@@ -333,7 +333,7 @@ def run(sweep: Path, out: Path, baseline: str | None = None) -> Path:
                   "(lower is better for all three), with 95% intervals: over seeds where the "
                   "settings share two or more, else within the shared seed (bits/dim paired "
                   "over images with the same t and ε; FID and KID paired over the same "
-                  "bootstrap resamplings).", "",
+                  "jackknife groups).", "",
                   "| A − B | metric | step | difference [95% interval] | over | verdict |",
                   "|---|---|---|---|---|---|", *map(_pair_row, differences), "",
                   f"{tested} intervals at 95% each: if no setting differed from another, about "

@@ -11,9 +11,9 @@ is compared where it stopped, never with another job's later step), and
   - bits/dim **paired over images**: every job evaluates held-out image i with the same t and
     ε (``callbacks.eval.seed``), and keeps each image's value (``RUN/eval/bpd_step_*.npz``),
     so the differences a_i − b_i cancel what the images share;
-  - FID and KID **paired over bootstrap replicates**: jobs with the same seed and N resample
-    the same samples (which share their x_T), and keep each replicate's value
-    (``RUN/eval/boot_step_*.npz``), so the standard deviation of the replicate differences is
+  - FID and KID **paired over jackknife groups**: jobs with the same seed and N leave out
+    the same groups of samples (which share their x_T), and keep each leave-out value
+    (``RUN/eval/jackknife_step_*.npz``), so the jackknife of the group-by-group differences is
     the error of the difference. Without those files, the two jobs' standard errors are
     combined as independent (conservative: their errors correlate positively).
 
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ddpm_lightning.metrics.fid import jackknife_se
 from ddpm_lightning.metrics.intervals import (
     UNRESOLVED,
     normal_interval,
@@ -64,10 +65,10 @@ def per_image_bpd(job: Path, step: int | None) -> dict | None:
                                    "timesteps": int(f["timesteps"])}
 
 
-def bootstrap_replicates(job: Path, step: int | None, metric: str) -> dict | None:
-    """Each bootstrap replicate's ``metric`` (fid or kid) minus their mean at ``step``
-    (``RUN/eval/boot_step_*.npz``), with the seed and N that fixed the resamplings."""
-    f = None if step is None else _npz(job / "eval" / f"boot_step_{int(step):07d}.npz")
+def jackknife_values(job: Path, step: int | None, metric: str) -> dict | None:
+    """The jackknife's leave-a-group-out values of ``metric`` (fid or kid) at ``step``
+    (``RUN/eval/jackknife_step_*.npz``), with the seed and N that fixed the samples."""
+    f = None if step is None else _npz(job / "eval" / f"jackknife_step_{int(step):07d}.npz")
     if f is None or metric not in f:
         return None
     return {"values": f[metric].astype(np.float64), "seed": int(f["seed"]),
@@ -151,13 +152,13 @@ def difference(a: dict, b: dict, summaries: dict[str, dict], metric: str) -> dic
             draws = [None if f is None else {**f, "values": f["bpd"]} for f in draws]
             paired, over = ("seed", "timesteps"), "images (paired)"
         else:
-            draws = [bootstrap_replicates(Path(j["path"]), step, metric) for j in (x, y)]
-            paired, over = ("seed", "num_samples"), "bootstrap replicates (paired)"
+            draws = [jackknife_values(Path(j["path"]), step, metric) for j in (x, y)]
+            paired, over = ("seed", "num_samples"), "jackknife groups (paired)"
         if _same_draws(*draws, paired) and metric == "bpd":
             iv = paired_difference(draws[0]["values"], draws[1]["values"])
             need, error = replicates_to_resolve(iv["sd"], iv["mean"]), iv["sd"]
         elif _same_draws(*draws, paired):
-            error = float(np.std(draws[0]["values"] - draws[1]["values"], ddof=1))
+            error = jackknife_se(draws[0]["values"] - draws[1]["values"])
             iv = {**normal_interval(d, error), "n": len(draws[0]["values"])}
             need = samples_to_resolve(error, x["eval_settings"].get("num_samples"), d)
         else:
@@ -166,8 +167,8 @@ def difference(a: dict, b: dict, summaries: dict[str, dict], metric: str) -> dic
                 errors = [j["series"].get("kid_std", {}).get(step) for j in (x, y)]
                 over = "KID subsets (the spread of one subset: conservative)"
             else:
-                over = {"bpd": "images (unpaired)", "kid": "bootstrap (unpaired)",
-                        "fid": "bootstrap (unpaired)"}[metric]
+                over = {"bpd": "images (unpaired)", "kid": "jackknife (unpaired)",
+                        "fid": "jackknife (unpaired)"}[metric]
             if None in errors:
                 iv, need, error = {"mean": d, "low": None, "high": None, "n": 1}, None, None
             else:

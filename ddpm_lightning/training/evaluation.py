@@ -18,14 +18,13 @@ from ddpm_lightning.metrics.fid import (
     FEATURE_DIM,
     FeatureMoments,
     FrechetToReference,
-    bootstrap_indices,
     inception_features,
     load_stats,
     resolve_weights,
     save_stats,
     stats_of_features,
 )
-from ddpm_lightning.metrics.kid import kid_bootstrap, kid_from_features
+from ddpm_lightning.metrics.kid import kid_from_features, kid_jackknife
 from ddpm_lightning.metrics.reference import (
     _dataset_features,
     _dataset_moments,
@@ -39,9 +38,9 @@ from ddpm_lightning.training.distributed import gather_to_rank_zero, on_rank_zer
 class FIDCallback(SamplingCallback):
     """FID of EMA samples against the training set, every ``every_n_steps`` optimizer steps
     (and at the end of training), logged as ``val/fid`` (and ``val/fid_seconds``); with
-    ``fid_bootstrap`` its standard error ``val/fid_se``, and with ``kid`` the Kernel Inception
-    Distance ``val/kid`` ± ``val/kid_std`` (the spread of single subsets) and, with both, KID's
-    standard error ``val/kid_se`` (the same bootstrap).
+    ``jackknife_groups`` its standard error ``val/fid_se``, and with ``kid`` the Kernel
+    Inception Distance ``val/kid`` ± ``val/kid_std`` (the spread of single subsets) and, with
+    both, KID's standard error ``val/kid_se`` (the same jackknife).
 
     Every rank samples its share of ``num_samples`` (batch k from the generator seeded by
     (seed, k), as in sample.py: the same x_T at every evaluation and in every job of a sweep,
@@ -49,7 +48,7 @@ class FIDCallback(SamplingCallback):
     ``pl_module.eval_model`` and computes its Inception feature moments; the moments are
     sent to rank 0, which computes the scores and broadcasts them, so every rank holds
     them (``trainer.callback_metrics["val/fid"]``, e.g. for a checkpoint monitor).
-    Sampling, the bootstrap and KID's subsets use generators of their own, seeded by
+    Sampling and KID's subsets use generators of their own, seeded by
     ``seed``: the training RNG is not advanced.
 
     Args:
@@ -66,9 +65,9 @@ class FIDCallback(SamplingCallback):
         on_train_end: also evaluate at the end of training.
         seed: base seed of the sampling noise.
         inception_batch_size: images per Inception forward pass.
-        fid_bootstrap: resamplings of the generated features (the reference fixed) whose FIDs'
-            standard deviation is logged as ``fid_se``, FID's sampling error at this N (and with
-            ``kid``, ``kid_se`` from the same resamplings); 0 = none.
+        jackknife_groups: K, the groups of the generated samples (the reference fixed) that
+            the grouped jackknife leaves out in turn: FID's sampling error at this N is logged
+            as ``fid_se`` (and with ``kid``, KID's as ``kid_se``); at most N; 0 = none.
         kid: also compute KID (``metrics.kid``), from the reference *features*, which the
             reference cache then keeps; ``kid_subsets`` subsets of ``kid_subset_size`` images
             (at most the number of samples and of reference images).
@@ -85,7 +84,7 @@ class FIDCallback(SamplingCallback):
                  batch_size: int = 256, sampler: Mapping | None = None,
                  reference: Mapping | None = None, weights_path: str | None = None,
                  download: bool = False, on_train_end: bool = True, seed: int = 0,
-                 inception_batch_size: int = 64, fid_bootstrap: int = 0, kid: bool = False,
+                 inception_batch_size: int = 64, jackknife_groups: int = 0, kid: bool = False,
                  kid_subsets: int = 100, kid_subset_size: int = 1000):
         super().__init__(every_n_steps, on_train_end, key=f"{self.config_key}.every_n_steps",
                          sampler=sampler)
@@ -93,12 +92,12 @@ class FIDCallback(SamplingCallback):
                                ("inception_batch_size", inception_batch_size, 1),
                                ("kid_subsets", kid_subsets, 1),
                                ("kid_subset_size", kid_subset_size, 1),
-                               ("fid_bootstrap", fid_bootstrap, 0)):
+                               ("jackknife_groups", jackknife_groups, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
                 kind = "non-negative" if lo == 0 else "positive"
                 raise ValueError(f"{self.config_key}.{key}={value!r} must be a {kind} integer")
-        if fid_bootstrap == 1:
-            raise ValueError(f"{self.config_key}.fid_bootstrap=1: use 0 (none) or at least 2")
+        if jackknife_groups == 1:
+            raise ValueError(f"{self.config_key}.jackknife_groups=1: use 0 (none) or at least 2")
         if not isinstance(kid, bool):
             raise ValueError(f"{self.config_key}.kid={kid!r} must be true or false")
         if kid and kid_subset_size < 2:
@@ -117,8 +116,8 @@ class FIDCallback(SamplingCallback):
         self.download = download
         self.seed = seed
         self.inception_batch_size = inception_batch_size
-        self.fid_bootstrap, self.kid = fid_bootstrap, kid
-        self.last_bootstrap: dict = {}
+        self.jackknife_groups, self.kid = jackknife_groups, kid
+        self.last_jackknife: dict = {}
         self.kid_subsets, self.kid_subset_size = kid_subsets, kid_subset_size
         self.last_fid: float | None = None
         self._ref: tuple | None = None  # (µ, Σ, features or None), on rank 0
@@ -183,17 +182,17 @@ class FIDCallback(SamplingCallback):
         return fid
 
     def scores(self, features: torch.Tensor, reference: tuple) -> dict:
-        """FID, and as configured its bootstrap standard error and KID, of the generated
+        """FID, and as configured its jackknife standard error and KID, of the generated
         ``features`` [N, 2048] against ``reference`` (µ, Σ, features or None)."""
         if self._frechet is None:  # the reference's factor, once per run
             self._frechet = FrechetToReference(*reference[:2])
         p = self.prefix
-        boot = {}
-        if self.fid_bootstrap:
-            indices = bootstrap_indices(len(features), self.fid_bootstrap, self.seed)
-            fid = self._frechet.bootstrap(features, self.fid_bootstrap, seed=self.seed)
+        groups = min(self.jackknife_groups, len(features))
+        leave_out = {}
+        if groups:
+            fid = self._frechet.jackknife(features, groups)
             out = {f"{p}fid": fid["fid"], f"{p}fid_se": fid["se"]}
-            boot["fid"] = fid["deviations"]
+            leave_out["fid"] = fid["values"]
         else:
             out = {f"{p}fid": self._frechet(features)}
         if self.kid:
@@ -201,11 +200,11 @@ class FIDCallback(SamplingCallback):
             size = min(self.kid_subset_size, len(features), len(ref_features))
             kid = kid_from_features(features, ref_features, self.kid_subsets, size, self.seed)
             out.update({f"{p}kid": kid["kid"], f"{p}kid_std": kid["kid_std"]})
-            if self.fid_bootstrap:
-                kid = kid_bootstrap(features, ref_features, indices)
+            if groups:
+                kid = kid_jackknife(features, ref_features, groups)
                 out[f"{p}kid_se"] = kid["se"]
-                boot["kid"] = kid["deviations"]
-        self.last_bootstrap = boot  # rank 0: each replicate's deviation, for paired differences
+                leave_out["kid"] = kid["values"]
+        self.last_jackknife = leave_out  # rank 0: the leave-out values, for paired differences
         return out
 
     def _sample_features(self, trainer, pl_module) -> torch.Tensor | None:
@@ -310,11 +309,11 @@ class EvalCallback(FIDCallback):
 
     * ``eval/fid`` (and ``eval/fid_seconds``): FID of ``num_samples`` samples, sample i from the
       same x_T in every job and at every evaluation (``FIDCallback``), with ``eval/fid_se``,
-      its bootstrap standard error at this N;
+      its standard error at this N (the grouped jackknife);
     * ``eval/kid``, ``eval/kid_se`` and ``eval/kid_std``: KID, unbiased at small N, its
-      bootstrap standard error at this N, and the spread of single subsets; each bootstrap
-      replicate's FID and KID are kept in ``RUN/eval/boot_step_*.npz``, so that jobs pair
-      their errors replicate by replicate;
+      standard error at this N (the same jackknife), and the spread of single subsets; the
+      jackknife's leave-a-group-out FIDs and KIDs are kept in ``RUN/eval/jackknife_step_*.npz``,
+      so that jobs pair their errors group by group;
     * ``eval/bpd`` (and ``eval/bpd_se``, ``eval/prior_bpd``, ``eval/vb_bpd``,
       ``eval/decoder_bpd``, ``eval/nll_seconds``): the stratified unbiased estimate of the
       bound (``likelihood.bits_per_dim_estimate``) on the first ``nll_images`` held-out
@@ -335,9 +334,9 @@ class EvalCallback(FIDCallback):
 
     def __init__(self, every_n_steps: int = 1000, num_samples: int = 1000,
                  nll_images: int = 256, nll_timesteps: int = 32, nll_batch_size: int = 128,
-                 fid_bootstrap: int = 100, kid: bool = True, **fid_kwargs):
+                 jackknife_groups: int = 50, kid: bool = True, **fid_kwargs):
         super().__init__(every_n_steps=every_n_steps, num_samples=num_samples,
-                         fid_bootstrap=fid_bootstrap, kid=kid, **fid_kwargs)
+                         jackknife_groups=jackknife_groups, kid=kid, **fid_kwargs)
         for key, value in (("nll_images", nll_images), ("nll_timesteps", nll_timesteps),
                            ("nll_batch_size", nll_batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -415,18 +414,18 @@ class EvalCallback(FIDCallback):
     def save_per_image(self, trainer, step: int) -> Path:
         """``RUN/eval/bpd_step_XXXXXXX.npz``: the bits/dim of each held-out image (``bpd``,
         held-out image i at row i) and what fixes its t and ε (``seed``, ``timesteps``), so
-        that ``compare`` can pair two jobs image by image; with ``fid_bootstrap``, also
-        ``RUN/eval/boot_step_XXXXXXX.npz``: each bootstrap replicate's FID (``fid``) and KID
-        (``kid``) minus their mean, with the ``seed`` and ``num_samples`` that fixed the
-        resamplings, so that two jobs pair their FID and KID errors replicate by replicate."""
+        that ``compare`` can pair two jobs image by image; with ``jackknife_groups``, also
+        ``RUN/eval/jackknife_step_XXXXXXX.npz``: the leave-a-group-out FIDs (``fid``) and KIDs
+        (``kid``), with the ``seed`` and ``num_samples`` that fixed the samples, so that two
+        jobs pair their FID and KID errors group by group."""
         folder = Path(trainer.default_root_dir) / "eval"
         path = folder / f"bpd_step_{step:07d}.npz"
         with atomic_write(path) as f:
             np.savez(f, bpd=self.last_bpd_per_image.numpy(), seed=self.seed,
                      timesteps=self.nll_timesteps)
-        if self.last_bootstrap:
-            with atomic_write(folder / f"boot_step_{step:07d}.npz") as f:
-                np.savez(f, **self.last_bootstrap, seed=self.seed, num_samples=self.num_samples)
+        if self.last_jackknife:
+            with atomic_write(folder / f"jackknife_step_{step:07d}.npz") as f:
+                np.savez(f, **self.last_jackknife, seed=self.seed, num_samples=self.num_samples)
         return path
 
     def evaluate_nll(self, trainer, pl_module) -> dict:
