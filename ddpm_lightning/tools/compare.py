@@ -352,7 +352,7 @@ def run(sweep: Path, out: Path, baseline: str | None = None) -> Path:
                                    [s["series"][se_key] for s in rows])
                  for name, rows in members.items()}
         if plot_bands(bands, out / png, label, f"{label} against step: the mean over seeds and "
-                      "its 95% band (one seed: ±1.96 × its own error)"):
+                      "its 95% band\n(one seed: ±1.96 × its own standard error)"):
             lines += [f"![{label}]({png})", ""]
     if plot_t_bands(hist, {j: names[j] for j in jobs}, out / "bands.png"):
         lines += ["![per t-band](bands.png)", ""]
