@@ -49,7 +49,7 @@ def test_report_of_a_sweep(sweep, capsys):
     summary = json.loads((out / "summary.json").read_text())
     grouped = summary["groups"]
     assert [(g["name"], g["seeds"]) for g in grouped] == [
-        ("schedule=linear", ["0", "1"]), ("schedule=cosine", ["0", "1"])]
+        ("schedule=linear", [0, 1]), ("schedule=cosine", [0, 1])]  # as the jobs ran
     for g in grouped:
         for metric in ("final_fid", "final_kid", "final_bpd"):
             m = g["metrics"][metric]
@@ -59,7 +59,7 @@ def test_report_of_a_sweep(sweep, capsys):
     for p in pairs.values():
         assert (p["a"], p["b"], p["over"], p["n"]) == ("schedule=cosine", "schedule=linear",
                                                        "seeds", 2)
-        assert p["low"] <= p["difference"] <= p["high"]
+        assert p["low"] <= p["difference"] <= p["high"] and p["step"] == 4
         assert p["verdict"] in ("lower", "higher",
                                 "no difference resolved at this N and seed count")
         assert (p["to_resolve"] is None) == (p["verdict"] != "no difference resolved at this N "
