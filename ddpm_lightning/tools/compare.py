@@ -6,7 +6,10 @@
 It reads every job folder of a Hydra sweep (``SWEEP_DIR/0``, ``1``, …: the ones holding a
 ``config.yaml``), from its CSV log (``RUN/csv``, which every run writes whatever its logger;
 runs made before that are read from their W&B offline files) and its per-image bits/dim
-(``RUN/eval/bpd_step_*.npz``), and writes into ``--out``:
+(``RUN/eval/bpd_step_*.npz``) and leave-a-group-out FIDs and KIDs
+(``RUN/eval/jackknife_step_*.npz``), and writes into ``--out``. Every setting is summarised, and
+every pair compared, at the last evaluation step that all the jobs involved reached (``step``);
+a job's seed is the one it ran with (its ``config.yaml``).
 
   report.md         a table per job (best FID, its step, final bits/dim ± its standard error,
                     final loss); a table per setting over its seeds (the jobs grouped by every
@@ -16,9 +19,10 @@ runs made before that are read from their W&B offline files) and its per-image b
                     ``--baseline``) with 95% intervals and a verdict (``tools.pairs``); the
                     figures;
   summary.json      ``groups``: each setting's overrides, seeds, jobs, and per metric its
-                    ``mean``, ``low``, ``high`` (null with one seed) and ``n``; ``pairs``: per
-                    pair and metric the ``difference``, ``low``, ``high``, ``n``, what it is
-                    ``over``, the ``verdict`` and, unresolved, what would resolve it;
+                    ``mean``, ``low``, ``high`` (null with one seed), ``n`` and ``step``;
+                    ``pairs``: per pair and metric the ``step``, ``difference``, ``low``,
+                    ``high``, ``n``, what it is ``over``, the ``verdict`` and, unresolved, what
+                    would resolve it;
   fid.png, kid.png, bpd.png
                     the metric against the step, one line per setting (the mean over its
                     seeds) with its 95% band;
