@@ -58,11 +58,12 @@ def _npz(path: Path) -> dict | None:
 
 
 def per_image_bpd(job: Path, step: int | None) -> dict | None:
-    """The bits/dim of each held-out image at ``step`` (``RUN/eval/bpd_step_*.npz``), with the
-    seed and strata that fixed its t and ε; None when the job kept none."""
+    """The bits/dim of each held-out image at ``step`` (``values``, from
+    ``RUN/eval/bpd_step_*.npz``), with the seed and strata that fixed its t and ε; None when
+    the job kept none."""
     f = None if step is None else _npz(job / "eval" / f"bpd_step_{int(step):07d}.npz")
-    return None if f is None else {"bpd": f["bpd"].astype(np.float64), "seed": int(f["seed"]),
-                                   "timesteps": int(f["timesteps"])}
+    return None if f is None else {"values": f["bpd"].astype(np.float64),
+                                   "seed": int(f["seed"]), "timesteps": int(f["timesteps"])}
 
 
 def jackknife_values(job: Path, step: int | None, metric: str) -> dict | None:
@@ -149,15 +150,15 @@ def difference(a: dict, b: dict, summaries: dict[str, dict], metric: str) -> dic
         d = values[0][0] - values[0][1]
         if metric == "bpd":
             draws = [per_image_bpd(Path(j["path"]), step) for j in (x, y)]
-            draws = [None if f is None else {**f, "values": f["bpd"]} for f in draws]
             paired, over = ("seed", "timesteps"), "images (paired)"
         else:
             draws = [jackknife_values(Path(j["path"]), step, metric) for j in (x, y)]
             paired, over = ("seed", "num_samples"), "jackknife groups (paired)"
-        if _same_draws(*draws, paired) and metric == "bpd":
+        same = _same_draws(*draws, paired)
+        if same and metric == "bpd":
             iv = paired_difference(draws[0]["values"], draws[1]["values"])
             need, error = replicates_to_resolve(iv["sd"], iv["mean"]), iv["sd"]
-        elif _same_draws(*draws, paired):
+        elif same:
             error = jackknife_se(draws[0]["values"] - draws[1]["values"])
             iv = {**normal_interval(d, error), "n": len(draws[0]["values"])}
             need = samples_to_resolve(error, x["eval_settings"].get("num_samples"), d)
