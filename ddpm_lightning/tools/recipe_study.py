@@ -8,7 +8,8 @@ scored the same way.
 For each variant and seed it trains ``train.py experiment=EXPERIMENT`` with the variant's
 overrides for ``--minutes`` of wall-clock time (``trainer.max_time``; evaluations included,
 the same for every variant), with ``callbacks=eval`` (FID against training time) and
-``module.ema=posthoc`` (snapshots for the EMA length afterwards), into ``OUT/runs/NAME_sSEED``.
+``module.ema=posthoc`` (snapshots for the EMA length afterwards, every half
+``--eval-every``), into ``OUT/runs/NAME_sSEED``.
 Then it scores each run's EMA weights with ``tools/nfe`` (``--n`` samples against the test
 split at each ``--nfe``, with SDE-DPM-Solver++, DDIM η = 0 and the DPM-Solver++ ODE, and each
 entry's speckle share), and, with ``--posthoc``, the best variant again at each σ_rel
@@ -40,6 +41,8 @@ VARIANTS = {
     "today_bf16": ["trainer.precision=bf16-mixed"],
     "v_zt_bf16": ["module.parameterization=v", "schedule.rescale_zero_terminal_snr=true",
                   "trainer.precision=bf16-mixed"],
+    "v_zt_minsnr_bf16": ["module.parameterization=v", "schedule.rescale_zero_terminal_snr=true",
+                         "module.loss_weight=min_snr", "trainer.precision=bf16-mixed"],
 }
 SAMPLERS = ("dpm_sde", "ddim0", "dpm_ode")  # stochastic, and the two deterministic ones
 DONE = "study_done.json"
@@ -63,7 +66,8 @@ def train(run: Path, experiment: str, overrides: list[str], seed: int, minutes: 
         raise FileNotFoundError(f"no train.py next to {CONF_DIR}; run from a checkout")
     cmd = [sys.executable, str(script), f"experiment={experiment}", *overrides, f"seed={seed}",
            "logger=csv", "callbacks=eval", f"callbacks.eval.every_n_steps={eval_every}",
-           "module.ema=posthoc", "trainer.max_steps=100000000",
+           "module.ema=posthoc", f"module.posthoc.every_n_steps={max(1, eval_every // 2)}",
+           "trainer.max_steps=100000000",
            f"++trainer.max_time={max_time(minutes)}", f"hydra.run.dir={run}"]
     print(f"training {run.name}: {' '.join(cmd[2:])}", flush=True)
     proc = subprocess.run(cmd, check=False)
