@@ -58,4 +58,64 @@ def test_a_tiny_study_end_to_end(tmp_path, weights, monkeypatch):
     monkeypatch.setattr(recipe_study.subprocess, "run", lambda *a, **k: pytest.fail("trained"))
     monkeypatch.setattr("ddpm_lightning.core.generate.generate",
                         lambda *a, **k: pytest.fail("sampled again"))
-    assert recipe_study.main(argv) == 0
+    assert recipe_study.main([*argv, "--archive", str(tmp_path / "kept")]) == 0
+    assert not list((tmp_path / "kept").rglob("*.ckpt"))
+    # the copy without checkpoints is a study too: pointed at it, nothing is trained or sampled
+    assert recipe_study.main([str(tmp_path / "kept"), *argv[1:]]) == 0
+    assert (json.loads((tmp_path / "kept" / "summary.json").read_text())
+            == json.loads((out / "summary.json").read_text()))
+
+
+def _scored_run(run, n=6, nfes=(4,), drop=()):
+    """A run folder as ``archive`` keeps it: no checkpoint, its nfe results."""
+    entries = {f"{s}@{f}": {"fid": 50.0 + i, "speckle": 0.1, "n": n}
+               for f in nfes for i, s in enumerate(recipe_study.SAMPLERS)}
+    for key in drop:
+        del entries[key]
+    meta = {"n": n, "seed": 0, "ref_split": "test", "ref_max_images": None, "bf16": False,
+            "global_step": 123}
+    (run / "nfe").mkdir(parents=True)
+    (run / "nfe" / "results.json").write_text(json.dumps({"meta": meta, "entries": entries}))
+    (run / recipe_study.DONE).write_text("{}")
+
+
+def test_an_archived_run_is_reused_only_for_what_it_holds(tmp_path):
+    run = tmp_path / "today_s0"
+    _scored_run(run)
+    entries, step = recipe_study.archived(run, 6, [4], [])
+    assert step == 123 and entries["ddim0@4"]["fid"] == 51.0
+    with pytest.raises(ValueError, match="ddim0@8, dpm_ode@8"):
+        recipe_study.archived(run, 6, [4, 8], [])  # cannot be scored again without the weights
+    with pytest.raises(ValueError, match="n=6, not 10"):
+        recipe_study.archived(run, 10, [4], [])
+    with pytest.raises(ValueError, match="seed=0, not 1"):
+        recipe_study.archived(run, 6, [4], ["--seed", "1"])
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert recipe_study.archived(run, 6, [4], []) is None  # with its weights: score() decides
+    assert recipe_study.archived(tmp_path / "new_s0", 6, [4], []) is None
+
+
+def test_archive_keeps_results_and_drops_weights(tmp_path):
+    out, dest = tmp_path / "study", tmp_path / "kept"
+    run = out / "runs" / "today_s0"
+    _scored_run(run)
+    (run / "nfe" / "rows").mkdir()
+    (run / "nfe" / "rows" / "ddim0@4.png").write_bytes(b"png")
+    (run / "csv").mkdir()
+    (run / "csv" / "metrics.csv").write_text("step,eval/fid\n5,80\n")
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+    (run / "posthoc_ema").mkdir()
+    (run / "posthoc_ema" / "snap.pt").write_bytes(b"weights")
+    unfinished = out / "runs" / "v_s0"  # no study_done.json: stopped mid-training
+    unfinished.mkdir(parents=True)
+    (unfinished / "config.yaml").write_text("x: 1\n")
+    (out / "summary.json").write_text("{}")
+    (out / "report.md").write_text("# r\n")
+    recipe_study.archive(out, dest)
+    kept = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert kept == ["report.md", "runs/today_s0/csv/metrics.csv", "runs/today_s0/nfe/results.json",
+                    "runs/today_s0/nfe/rows/ddim0@4.png", "runs/today_s0/study_done.json",
+                    "summary.json"]
+    assert recipe_study.archived(dest / "runs" / "today_s0", 6, [4], [])[1] == 123

@@ -3,7 +3,7 @@ scored the same way.
 
     python -m ddpm_lightning.tools.recipe_study OUT [--minutes 20] [--seeds 0 1]
         [--variants today v v_zt today_minsnr v_minsnr v_zt_minsnr] [--n 1000] [--nfe 20 50]
-        [--posthoc 0.05 0.1 0.2] [--experiment fashion_mnist_cpu] [OVERRIDE ...]
+        [--posthoc 0.05 0.1 0.2] [--experiment fashion_mnist_cpu] [--archive DEST] [OVERRIDE ...]
 
 For each variant and seed it trains ``train.py experiment=EXPERIMENT`` with the variant's
 overrides for ``--minutes`` of wall-clock time (``trainer.max_time``; evaluations included,
@@ -16,7 +16,9 @@ entry's speckle share), and, with ``--posthoc``, the best variant again at each 
 (``tools/posthoc_ema``). It writes ``OUT/report.md`` and ``OUT/summary.json`` (each variant's
 mean and 95% interval over its seeds), ``OUT/fid_vs_time.png`` and ``OUT/grids.png`` (the
 deterministic samplers' rows of each variant, seed 0). Finished runs and scored entries are
-reused, so a stopped study continues where it was.
+reused, so a stopped study continues where it was. ``--archive DEST`` copies the results
+without the checkpoints (``archive``); a study pointed at that copy reuses its scored runs, so
+a study can grow over several sessions whose run folders are not kept.
 """
 
 from __future__ import annotations
@@ -85,6 +87,53 @@ def score(ckpt: Path, out: Path, n: int, nfes: list[int], extra: list[str]) -> d
                            *map(str, nfes), "--long-nfe", "0", "--samplers", *SAMPLERS,
                            "--ref-split", "test", "--no-progress", *extra])
     return nfe.run(args)
+
+
+def archived(run: Path, n: int, nfes: list[int], extra: list[str],
+             folder: str = "nfe") -> tuple[dict, int] | None:
+    """A scored run kept without its checkpoints (``archive``): its entries and step from
+    ``run/folder/results.json``; None when the run still has its checkpoint (then ``score``
+    decides) or was never scored. A kept run that lacks a requested entry is refused: it cannot
+    be scored again."""
+    from ddpm_lightning.tools import nfe
+
+    path = run / folder / "results.json"
+    if (run / "checkpoints" / "last.ckpt").is_file() or not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    a = nfe.parse_args(["-", "--out", "-", "--n", str(n), "--grid", "0", *extra])
+    for key in ("n", "seed", "ref_split", "ref_max_images", "bf16"):
+        if saved["meta"].get(key) != getattr(a, key):
+            raise ValueError(f"{run} is kept without its checkpoint and was scored with "
+                             f"{key}={saved['meta'].get(key)!r}, not {getattr(a, key)!r}")
+    missing = [k for k in (nfe.entry_key(s, f) for f in nfes for s in SAMPLERS)
+               if "speckle" not in saved["entries"].get(k, {})]
+    if missing:
+        raise ValueError(f"{run} is kept without its checkpoint and has no {', '.join(missing)}; "
+                         f"score it where it was trained, or drop those NFEs")
+    return saved["entries"], int(saved["meta"]["global_step"])
+
+
+KEEP = ("study_done.json", "config.yaml", "csv/*.yaml", "csv/metrics.csv",
+        "nfe/results.json", "nfe/results.md", "nfe/rows/*.png", "nfe*/results.json")
+
+
+def archive(out: Path, dest: Path) -> list[Path]:
+    """Copy a study's results without its checkpoints, snapshots and samples (some MB instead of
+    some GB) from ``out`` to ``dest``: the report, the summary, the figures, the real-image
+    floor and, of each run, what ``archived`` and the report read. A study pointed at ``dest``
+    reuses those runs and trains only what is new."""
+    import shutil
+
+    files = [p for pattern in ("*.md", "*.json", "*.png") for p in out.glob(pattern)]
+    for run in sorted((out / "runs").glob("*")):
+        if (run / DONE).is_file():
+            files += [p for pattern in KEEP for p in run.glob(pattern)]
+    for src in files:
+        target = dest / src.relative_to(out)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)
+    return files
 
 
 def real_floor(out: Path, ckpt: Path, n: int, extra: list[str]) -> float:
@@ -214,6 +263,9 @@ def main(argv=None) -> int:
                    help="σ_rel values to score the best variant at (post-hoc EMA)")
     p.add_argument("--nfe-args", default="",
                    help="extra arguments of tools/nfe, one string (--nfe-args='--batch-size 100')")
+    p.add_argument("--archive", default=None, metavar="DEST",
+                   help="afterwards, copy the results without checkpoints to DEST (a study "
+                        "pointed at DEST reuses them)")
     p.add_argument("overrides", nargs="*", default=[], help="overrides for every run")
     args = p.parse_args(argv)
     args.nfe_args = shlex.split(args.nfe_args)
@@ -228,14 +280,16 @@ def main(argv=None) -> int:
         for variant in args.variants:
             for seed in args.seeds:
                 run = out / "runs" / f"{variant}_s{seed}"
-                train(run, args.experiment, [*VARIANTS[variant], *args.overrides], seed,
-                      args.minutes, args.eval_every)
-                entries = score(run / "checkpoints" / "last.ckpt", run / "nfe", args.n,
-                                args.nfe, args.nfe_args)
-                results.setdefault(variant, {})[seed] = entries
-                steps.setdefault(variant, []).append(int(torch.load(
-                    run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True,
-                    mmap=True)["global_step"]))
+                kept = archived(run, args.n, args.nfe, args.nfe_args)
+                if kept is None:
+                    train(run, args.experiment, [*VARIANTS[variant], *args.overrides], seed,
+                          args.minutes, args.eval_every)
+                    ckpt = run / "checkpoints" / "last.ckpt"
+                    kept = (score(ckpt, run / "nfe", args.n, args.nfe, args.nfe_args),
+                            int(torch.load(ckpt, map_location="cpu", weights_only=True,
+                                           mmap=True)["global_step"]))
+                results.setdefault(variant, {})[seed] = kept[0]
+                steps.setdefault(variant, []).append(kept[1])
                 histories.setdefault(variant, []).append(eval_history(run))
                 row = run / "nfe" / "rows" / f"ddim0@{min(args.nfe)}.png"
                 if seed == args.seeds[0] and row.is_file():
@@ -247,8 +301,17 @@ def main(argv=None) -> int:
 
             for seed in args.seeds:
                 run = out / "runs" / f"{best}_s{seed}"
-                posthoc_ema.main([str(run), "--sigma-rel", *map(str, args.posthoc)])
+                todo = []
                 for sigma in args.posthoc:
+                    kept = archived(run, args.n, args.nfe, args.nfe_args,
+                                    f"nfe_posthoc_{sigma:.3f}")
+                    if kept is None:
+                        todo.append(sigma)
+                    else:
+                        results.setdefault(f"{best}+posthoc σ_rel={sigma}", {})[seed] = kept[0]
+                if todo:
+                    posthoc_ema.main([str(run), "--sigma-rel", *map(str, todo)])
+                for sigma in todo:
                     for ckpt in (run / "posthoc_ema").glob(f"sigma_rel_{sigma:.3f}_step_*.ckpt"):
                         results.setdefault(f"{best}+posthoc σ_rel={sigma}", {})[seed] = score(
                             ckpt, run / f"nfe_posthoc_{sigma:.3f}", args.n, args.nfe,
@@ -261,6 +324,9 @@ def main(argv=None) -> int:
     summary = summarize(results, steps)
     report = write_report(out, summary, args.nfe, histories, grids, args.minutes, floor, args.n)
     print(f"wrote {report}")
+    if args.archive:
+        files = archive(out, Path(args.archive))
+        print(f"copied {len(files)} files without checkpoints to {args.archive}")
     return 0
 
 
