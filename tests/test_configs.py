@@ -35,6 +35,8 @@ def test_every_group_has_options():
 def test_config_composes_and_instantiates(group, option, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     overrides = [f"{group}={option}"]
+    if (group, option) == ("schedule", "linear_zero_snr"):  # ε (the default) is refused there
+        overrides.append("module=ddpm_cpu_v")
     cfg = _compose(*overrides, "data.root=" + str(tmp_path)) if group in ("data", "experiment") \
         else _compose(*overrides)
     OmegaConf.resolve(cfg)
@@ -76,12 +78,12 @@ def test_paper_recipe_is_exact():
 
 
 @pytest.mark.parametrize("experiment", ["cifar10_ddpm", "cifar10_ddpm_vlb", "celebahq256_ddpm",
-                                        "lsun_church256_ddpm", "cifar10_table2"])
+                                        "lsun_church256_ddpm", "cifar10_table2", "table2_cpu"])
 def test_paper_recipes_keep_the_2020_recipe(experiment):
     """The newer parts (v-prediction, min-SNR weighting, zero terminal SNR, post-hoc EMA) are
     off in every paper recipe, Table 2's rows included."""
     rows = ["+ablation=mu_vlb_learned", "+ablation=eps_simple"] \
-        if experiment == "cifar10_table2" else [None]
+        if "table2" in experiment else [None]
     for row in rows:
         cfg = _compose(f"experiment={experiment}", *([row] if row else []))
         assert cfg.module.parameterization in ("eps", "mu")
@@ -101,6 +103,24 @@ def test_cpu_recipes_sample_with_the_fast_default(experiment):
         fast = _compose(f"experiment={experiment}", f"callbacks={option}").callbacks[option]
         assert (fast.sampler.name, fast.sampler.sde, fast.sampler.steps) == \
             ("dpm_solver", True, steps)
+
+
+def test_fashion_mnist_recipe_is_the_studys_choice():
+    """experiment=fashion_mnist_cpu adopts what the recipe study chose (v, min-SNR, ᾱ_T = 0,
+    bf16); the README's command for the 2020 recipe gives it back exactly."""
+    cfg = _compose("experiment=fashion_mnist_cpu")
+    assert (cfg.module.parameterization, cfg.module.loss_weight) == ("v", "min_snr")
+    assert cfg.schedule.rescale_zero_terminal_snr is True and cfg.schedule.name == "linear"
+    assert cfg.trainer.precision == "bf16-mixed"
+    old = _compose("experiment=fashion_mnist_cpu", "schedule=linear", "module=ddpm_cpu",
+                   "trainer=cpu")
+    assert (old.module.parameterization, old.module.loss_weight) == ("eps", "none")
+    assert old.schedule.rescale_zero_terminal_snr is False
+    assert old.trainer.precision == "32-true"
+    for key in ("model", "data"):  # the rest of the recipe is shared
+        assert OmegaConf.to_container(cfg[key]) == OmegaConf.to_container(old[key])
+    assert {k: v for k, v in cfg.module.items() if k not in ("parameterization", "loss_weight")} \
+        == {k: v for k, v in old.module.items() if k not in ("parameterization", "loss_weight")}
 
 
 GROUP_OPTIONS = [(g, o) for g, o in OPTIONS if g != "experiment"]
@@ -260,3 +280,17 @@ def test_slurm_runs_resume_their_own_job_only_when_requeued(tmp_path, monkeypatc
                                               settings) == mine, resume
     monkeypatch.setenv("SLURM_JOB_ID", "43")  # a requeued job with no run of its own yet
     assert runtime.find_resume_checkpoint(None, tmp_path / "new", tmp_path, settings) is None
+
+
+def test_bf16_on_a_cpu_without_native_bf16_gets_a_one_line_note(monkeypatch):
+    import torch
+
+    cfg = _compose("experiment=fashion_mnist_cpu")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert runtime.bf16_note(cfg.trainer) is None
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    note = runtime.bf16_note(cfg.trainer)
+    assert "trainer.precision=bf16-mixed" in note and "trainer=cpu" in note
+    assert "\n" not in note
+    assert runtime.bf16_note(_compose("experiment=fashion_mnist_cpu", "trainer=cpu").trainer) \
+        is None

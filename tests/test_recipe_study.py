@@ -119,3 +119,21 @@ def test_archive_keeps_results_and_drops_weights(tmp_path):
                     "runs/today_s0/nfe/rows/ddim0@4.png", "runs/today_s0/study_done.json",
                     "summary.json"]
     assert recipe_study.archived(dest / "runs" / "today_s0", 6, [4], [])[1] == 123
+
+
+def test_a_finished_run_trained_with_other_settings_is_not_reused(tmp_path):
+    """Variants pin their switches; a run folder whose config contradicts one is refused in one
+    line (the recipe's defaults may have changed since it was trained)."""
+    run = tmp_path / "today_s0"
+    run.mkdir()
+    (run / "config.yaml").write_text(
+        "module: {parameterization: v, loss_weight: none}\n"
+        "schedule: {rescale_zero_terminal_snr: false}\ntrainer: {precision: 32-true}\n"
+        "model: {ch: 32}\n")
+    recipe_study.check_settings(run, recipe_study.VARIANTS["v"] + ["model=unet_cpu32"])
+    with pytest.raises(ValueError, match="module.parameterization=v, not eps"):
+        recipe_study.check_settings(run, recipe_study.VARIANTS["today"])
+    with pytest.raises(ValueError, match="trainer.precision=32-true, not bf16-mixed"):
+        recipe_study.check_settings(run, [*recipe_study.VARIANTS["v"][:3], "trainer.precision=bf16-mixed"])
+    with pytest.raises(ValueError, match=r"trainer.max_time=<absent>, not 00:00:20:00"):
+        recipe_study.check_settings(run, ["++trainer.max_time=00:00:20:00"])

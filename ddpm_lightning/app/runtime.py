@@ -94,6 +94,21 @@ def validate_trainer(trainer_cfg) -> None:
             raise ConfigError(f"trainer.{key}={trainer_cfg[key]!r} is invalid; it must be {valid}")
 
 
+def bf16_note(trainer_cfg) -> str | None:
+    """One line when bf16 autocast would run on a CPU without native bf16 arithmetic (no
+    AVX512-BF16/AMX): oneDNN then emulates it, slower than float32. None otherwise."""
+    import torch
+
+    precision = str(trainer_cfg.get("precision", "32-true"))
+    if not precision.startswith("bf16") or str(trainer_cfg.get("accelerator")) != "cpu":
+        return None
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    return (f"note: trainer.precision={precision} on a CPU without native bf16 "
+            f"({torch.backends.cpu.get_cpu_capability()}) is emulated and slower than 32-true; "
+            f"trainer=cpu trains in float32")
+
+
 def check_int(key: str, value, lo: int | None = None) -> None:
     """Raise a one-line ConfigError unless ``value`` is an integer >= ``lo``."""
     if isinstance(value, bool) or not isinstance(value, int) or (lo is not None and value < lo):

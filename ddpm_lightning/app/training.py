@@ -46,6 +46,8 @@ def build(cfg: DictConfig, hc, run_dir: Path):
 
     runtime.check_int("seed", cfg.seed)
     runtime.validate_trainer(cfg.trainer)
+    if (note := runtime.bf16_note(cfg.trainer)) is not None:
+        print(note, file=sys.stderr)
     runtime.validate_callbacks(cfg.get("callbacks"))
     module = instantiate(cfg.module, model=instantiate(cfg.model),
                          betas=instantiate(cfg.schedule), run_config=runtime.to_container(cfg),

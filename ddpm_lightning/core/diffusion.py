@@ -148,7 +148,8 @@ class GaussianDiffusion:
             raise ValueError(
                 "diffusion.parameterization='eps' is undefined with a zero terminal SNR (ᾱ_T = 0: "
                 "x̂_0 = (x_T − √(1 − ᾱ_T) ε̂)/√ᾱ_T divides by 0); use "
-                "module.parameterization=v (or x0)")
+                "module.parameterization=v (or x0), or keep ε with "
+                "schedule.rescale_zero_terminal_snr=false")
         abar_prev = np.append(1.0, abar[:-1])
         # β̃_t = (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · β_t   (eq. 7)
         post_var = b * (1.0 - abar_prev) / (1.0 - abar)

@@ -32,19 +32,22 @@ from pathlib import Path
 
 from ddpm_lightning.metrics.intervals import t_interval
 
+# The switches the study varies, each pinned in every variant, so that a variant means the same
+# whatever the experiment's recipe has adopted since (the 2020 recipe is "today").
+_EPS, _V = "module.parameterization=eps", "module.parameterization=v"
+_ZT0, _ZT1 = "schedule.rescale_zero_terminal_snr=false", "schedule.rescale_zero_terminal_snr=true"
+_W0, _W1 = "module.loss_weight=none", "module.loss_weight=min_snr"
+_FP32, _BF16 = "trainer.precision=32-true", "trainer.precision=bf16-mixed"
 VARIANTS = {
-    "today": [],
-    "v": ["module.parameterization=v"],
-    "v_zt": ["module.parameterization=v", "schedule.rescale_zero_terminal_snr=true"],
-    "today_minsnr": ["module.loss_weight=min_snr"],
-    "v_minsnr": ["module.parameterization=v", "module.loss_weight=min_snr"],
-    "v_zt_minsnr": ["module.parameterization=v", "schedule.rescale_zero_terminal_snr=true",
-                    "module.loss_weight=min_snr"],
-    "today_bf16": ["trainer.precision=bf16-mixed"],
-    "v_zt_bf16": ["module.parameterization=v", "schedule.rescale_zero_terminal_snr=true",
-                  "trainer.precision=bf16-mixed"],
-    "v_zt_minsnr_bf16": ["module.parameterization=v", "schedule.rescale_zero_terminal_snr=true",
-                         "module.loss_weight=min_snr", "trainer.precision=bf16-mixed"],
+    "today": [_EPS, _ZT0, _W0, _FP32],
+    "v": [_V, _ZT0, _W0, _FP32],
+    "v_zt": [_V, _ZT1, _W0, _FP32],
+    "today_minsnr": [_EPS, _ZT0, _W1, _FP32],
+    "v_minsnr": [_V, _ZT0, _W1, _FP32],
+    "v_zt_minsnr": [_V, _ZT1, _W1, _FP32],
+    "today_bf16": [_EPS, _ZT0, _W0, _BF16],
+    "v_zt_bf16": [_V, _ZT1, _W0, _BF16],
+    "v_zt_minsnr_bf16": [_V, _ZT1, _W1, _BF16],
 }
 SAMPLERS = ("dpm_sde", "ddim0", "dpm_ode")  # stochastic, and the two deterministic ones
 DONE = "study_done.json"
@@ -77,6 +80,26 @@ def train(run: Path, experiment: str, overrides: list[str], seed: int, minutes: 
         raise RuntimeError(f"training {run.name} failed (exit {proc.returncode}); its output "
                            f"is in {run}/train.log")
     (run / DONE).write_text(json.dumps({"overrides": overrides, "minutes": minutes}) + "\n")
+
+
+def check_settings(run: Path, overrides: list[str]) -> None:
+    """Refuse to reuse a finished run whose saved config (``run/config.yaml``) contradicts one of
+    this study's ``key=value`` overrides (a variant redefined since, or another OUT's runs)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    saved = OmegaConf.load(run / "config.yaml")
+    for override in OverridesParser.create().parse_overrides(overrides):
+        if override.is_delete():
+            continue
+        key, want = override.key_or_group, override.value()
+        have = OmegaConf.select(saved, key, default="<absent>")
+        if OmegaConf.is_dict(have):  # a group choice (model=...): config.yaml has its content
+            continue
+        have = OmegaConf.to_container(have) if OmegaConf.is_config(have) else have
+        if have != want:
+            raise ValueError(f"{run} was trained with {key}={have}, not {want}; move it away "
+                             f"or choose another OUT")
 
 
 def score(ckpt: Path, out: Path, n: int, nfes: list[int], extra: list[str]) -> dict:
@@ -280,10 +303,12 @@ def main(argv=None) -> int:
         for variant in args.variants:
             for seed in args.seeds:
                 run = out / "runs" / f"{variant}_s{seed}"
+                overrides = [*VARIANTS[variant], *args.overrides]
+                if (run / DONE).is_file():
+                    check_settings(run, overrides)
                 kept = archived(run, args.n, args.nfe, args.nfe_args)
                 if kept is None:
-                    train(run, args.experiment, [*VARIANTS[variant], *args.overrides], seed,
-                          args.minutes, args.eval_every)
+                    train(run, args.experiment, overrides, seed, args.minutes, args.eval_every)
                     ckpt = run / "checkpoints" / "last.ckpt"
                     kept = (score(ckpt, run / "nfe", args.n, args.nfe, args.nfe_args),
                             int(torch.load(ckpt, map_location="cpu", weights_only=True,
