@@ -316,9 +316,10 @@ def main(argv=None) -> int:
                 results.setdefault(variant, {})[seed] = kept[0]
                 steps.setdefault(variant, []).append(kept[1])
                 histories.setdefault(variant, []).append(eval_history(run))
-                row = run / "nfe" / "rows" / f"ddim0@{min(args.nfe)}.png"
-                if seed == args.seeds[0] and row.is_file():
-                    grids[f"{variant}: ddim η=0 @ {min(args.nfe)}"] = row
+                for sampler, label in (("ddim0", "DDIM η=0"), ("dpm_ode", "DPM-Solver++ ODE")):
+                    row = run / "nfe" / "rows" / f"{sampler}@{min(args.nfe)}.png"
+                    if seed == args.seeds[0] and row.is_file():
+                        grids[f"{variant}: {label} @ {min(args.nfe)}"] = row
         if args.posthoc:
             key = f"dpm_sde@{min(args.nfe)}"
             best = min(results, key=lambda v: sum(e[key]["fid"] for e in results[v].values()))
