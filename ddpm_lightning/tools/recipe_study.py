@@ -206,7 +206,7 @@ def summarize(results: dict[str, dict[int, dict]], steps: dict[str, list[int]]) 
     out = {}
     for variant, by_seed in results.items():
         entries = {}
-        for key in {k for e in by_seed.values() for k in e}:
+        for key in sorted({k for e in by_seed.values() for k in e}):
             rows = [e[key] for e in by_seed.values() if key in e]
             entries[key] = {"fid": t_interval([r["fid"] for r in rows]),
                             "speckle": t_interval([r.get("speckle", float("nan"))
