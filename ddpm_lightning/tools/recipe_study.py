@@ -138,7 +138,7 @@ def archived(run: Path, n: int, nfes: list[int], extra: list[str],
 
 
 KEEP = ("study_done.json", "config.yaml", "csv/*.yaml", "csv/metrics.csv",
-        "nfe/results.json", "nfe/results.md", "nfe/rows/*.png", "nfe*/results.json")
+        "nfe*/results.json", "nfe/results.md", "nfe/rows/*.png")  # nfe_posthoc_* too
 
 
 def archive(out: Path, dest: Path) -> list[Path]:
