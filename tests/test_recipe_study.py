@@ -137,3 +137,41 @@ def test_a_finished_run_trained_with_other_settings_is_not_reused(tmp_path):
         recipe_study.check_settings(run, [*recipe_study.VARIANTS["v"][:3], "trainer.precision=bf16-mixed"])
     with pytest.raises(ValueError, match=r"trainer.max_time=<absent>, not 00:00:20:00"):
         recipe_study.check_settings(run, ["++trainer.max_time=00:00:20:00"])
+
+
+def test_a_runs_own_command_passes_its_check(tmp_path):
+    """The config a run's command composes to passes ``check_settings`` with that command: an
+    override of a study default (the post-hoc snapshot interval) is what the run trains with
+    (it once came before the study's default and lost, so the run was refused when reused)."""
+    from omegaconf import OmegaConf
+
+    from helpers import compose
+
+    command = recipe_study.run_overrides(
+        "cpu_embedded", [*recipe_study.VARIANTS["v_zt"], "module.posthoc.every_n_steps=5"],
+        seed=1, minutes=0.5, eval_every=40)
+    cfg = compose("train", *command)
+    assert cfg.module.posthoc.every_n_steps == 5 and cfg.seed == 1
+    assert cfg.callbacks.eval.every_n_steps == 40 and cfg.trainer.max_time == "00:00:00:30"
+    run = tmp_path / "v_zt_s1"
+    run.mkdir()
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (run / recipe_study.DONE).write_text(json.dumps({"command": command}))
+    recipe_study.check_settings(run, command)
+    other = recipe_study.run_overrides("fashion_mnist_cpu", recipe_study.VARIANTS["v_zt"],
+                                       seed=1, minutes=0.5, eval_every=40)
+    with pytest.raises(ValueError, match="experiment=cpu_embedded, not fashion_mnist_cpu"):
+        recipe_study.check_settings(run, other)
+    longer = recipe_study.run_overrides(
+        "cpu_embedded", [*recipe_study.VARIANTS["v_zt"], "module.posthoc.every_n_steps=5"],
+        seed=1, minutes=1, eval_every=40)
+    with pytest.raises(ValueError, match="max_time=00:00:00:30, not 00:00:01:00"):
+        recipe_study.check_settings(run, longer)
+
+
+@pytest.mark.parametrize("override, flag", [("seed=3", "--seeds"),
+                                            ("++trainer.max_time=00:01:00:00", "--minutes"),
+                                            ("callbacks.eval.every_n_steps=9", "--eval-every")])
+def test_an_override_of_what_the_study_sets_is_refused(override, flag):
+    with pytest.raises(ValueError, match=f"sets .* itself \\(use {flag}\\)"):
+        recipe_study.run_overrides("cpu_embedded", [override], 0, 1, 10)

@@ -59,9 +59,32 @@ def max_time(minutes: float) -> str:
     return f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def train(run: Path, experiment: str, overrides: list[str], seed: int, minutes: float,
-          eval_every: int) -> None:
-    """Train one variant for the budget, unless ``run`` holds a finished one."""
+# Keys the study sets itself, after the overrides, for every run alike (its flags own them).
+STUDY_KEYS = {"seed": "--seeds", "logger": "", "callbacks": "", "module.ema": "",
+              "callbacks.eval.every_n_steps": "--eval-every", "trainer.max_steps": "--minutes",
+              "trainer.max_time": "--minutes", "hydra.run.dir": "OUT"}
+
+
+def run_overrides(experiment: str, overrides: list[str], seed: int, minutes: float,
+                  eval_every: int) -> list[str]:
+    """One run's ``train.py`` overrides but its folder: the study's defaults (the overrides may
+    change them: the post-hoc snapshot interval), the variant's and the user's overrides, then
+    what the study owns (``STUDY_KEYS``; an override of one is refused in one line)."""
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in STUDY_KEYS:
+            flag = STUDY_KEYS[key]
+            raise ValueError(f"override {override!r}: recipe_study sets {key} itself"
+                             + (f" (use {flag})" if flag else ""))
+    return [f"experiment={experiment}",
+            f"module.posthoc.every_n_steps={max(1, eval_every // 2)}", *overrides,
+            f"seed={seed}", "logger=csv", "callbacks=eval",
+            f"callbacks.eval.every_n_steps={eval_every}", "module.ema=posthoc",
+            "trainer.max_steps=100000000", f"++trainer.max_time={max_time(minutes)}"]
+
+
+def train(run: Path, command: list[str]) -> None:
+    """Train one run with ``command`` (``run_overrides``), unless ``run`` holds a finished one."""
     from ddpm_lightning.app import CONF_DIR
 
     if (run / DONE).is_file():
@@ -69,31 +92,36 @@ def train(run: Path, experiment: str, overrides: list[str], seed: int, minutes: 
     script = CONF_DIR.parent / "train.py"
     if not script.is_file():
         raise FileNotFoundError(f"no train.py next to {CONF_DIR}; run from a checkout")
-    cmd = [sys.executable, str(script), f"experiment={experiment}", *overrides, f"seed={seed}",
-           "logger=csv", "callbacks=eval", f"callbacks.eval.every_n_steps={eval_every}",
-           "module.ema=posthoc", f"module.posthoc.every_n_steps={max(1, eval_every // 2)}",
-           "trainer.max_steps=100000000",
-           f"++trainer.max_time={max_time(minutes)}", f"hydra.run.dir={run}"]
+    cmd = [sys.executable, str(script), *command, f"hydra.run.dir={run}"]
     print(f"training {run.name}: {' '.join(cmd[2:])}", flush=True)
     proc = subprocess.run(cmd, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"training {run.name} failed (exit {proc.returncode}); its output "
                            f"is in {run}/train.log")
-    (run / DONE).write_text(json.dumps({"overrides": overrides, "minutes": minutes}) + "\n")
+    (run / DONE).write_text(json.dumps({"command": command}) + "\n")
 
 
-def check_settings(run: Path, overrides: list[str]) -> None:
+def check_settings(run: Path, command: list[str]) -> None:
     """Refuse to reuse a finished run whose saved config (``run/config.yaml``) contradicts one of
-    this study's ``key=value`` overrides (a variant redefined since, or another OUT's runs)."""
+    this study's ``key=value`` overrides (a variant redefined since, another budget, or another
+    OUT's runs). ``experiment=`` is not in config.yaml: it is compared with the command that
+    ``study_done.json`` recorded, where it did."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
     saved = OmegaConf.load(run / "config.yaml")
-    for override in OverridesParser.create().parse_overrides(overrides):
+    done = json.loads((run / DONE).read_text()) if (run / DONE).is_file() else {}
+    recorded = {o.split("=", 1)[0]: o for o in done.get("command", [])}
+    parsed = OverridesParser.create().parse_overrides(command)
+    last = {o.key_or_group: o for o in parsed}  # as Hydra does, the last value of a key wins
+    for override in last.values():
         if override.is_delete():
             continue
         key, want = override.key_or_group, override.value()
-        have = OmegaConf.select(saved, key, default="<absent>")
+        if key == "experiment":
+            have = recorded.get(key, f"experiment={want}").split("=", 1)[1]
+        else:
+            have = OmegaConf.select(saved, key, default="<absent>")
         if OmegaConf.is_dict(have):  # a group choice (model=...): config.yaml has its content
             continue
         have = OmegaConf.to_container(have) if OmegaConf.is_config(have) else have
@@ -303,12 +331,13 @@ def main(argv=None) -> int:
         for variant in args.variants:
             for seed in args.seeds:
                 run = out / "runs" / f"{variant}_s{seed}"
-                overrides = [*VARIANTS[variant], *args.overrides]
+                command = run_overrides(args.experiment, [*VARIANTS[variant], *args.overrides],
+                                        seed, args.minutes, args.eval_every)
                 if (run / DONE).is_file():
-                    check_settings(run, overrides)
+                    check_settings(run, command)
                 kept = archived(run, args.n, args.nfe, args.nfe_args)
                 if kept is None:
-                    train(run, args.experiment, overrides, seed, args.minutes, args.eval_every)
+                    train(run, command)
                     ckpt = run / "checkpoints" / "last.ckpt"
                     kept = (score(ckpt, run / "nfe", args.n, args.nfe, args.nfe_args),
                             int(torch.load(ckpt, map_location="cpu", weights_only=True,
