@@ -30,7 +30,8 @@ def test_a_tiny_study_end_to_end(tmp_path, weights, monkeypatch):
             "callbacks.eval.nll_timesteps=4", "callbacks.eval.kid_subset_size=3",
             "callbacks.eval.jackknife_groups=0", "module.posthoc.every_n_steps=5",
             "--experiment", "cpu_embedded", "--minutes", "0.2", "--variants", "today", "v_zt",
-            "--n", "6", "--nfe", "4", "--eval-every", "5", "--posthoc", "0.1",
+            "--n", "6", "--nfe", "4", "6", "--eval-every", "5", "--posthoc", "0.1",
+            "--posthoc-nfe", "4",
             f"--nfe-args=--batch-size 6 --ref-max-images 16 --grid 3 --weights-path {weights}"]
     assert recipe_study.main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -41,7 +42,9 @@ def test_a_tiny_study_end_to_end(tmp_path, weights, monkeypatch):
     posthoc = [v for v in summary if "posthoc" in v]
     assert len(posthoc) == 1 and posthoc[0].endswith("σ_rel=0.1")
     for variant, s in summary.items():
-        assert set(s["entries"]) == {"dpm_sde@4", "ddim0@4", "dpm_ode@4"}, variant
+        nfes = (4,) if "posthoc" in variant else (4, 6)  # --posthoc-nfe 4
+        assert set(s["entries"]) == {f"{k}@{n}" for k in ("dpm_sde", "ddim0", "dpm_ode")
+                                     for n in nfes}, variant
         for e in s["entries"].values():
             assert e["fid"]["mean"] > 0 and 0 <= e["speckle"]["mean"] <= 1
     for run in ("today_s0", "v_zt_s0"):
@@ -50,6 +53,8 @@ def test_a_tiny_study_end_to_end(tmp_path, weights, monkeypatch):
     assert "parameterization: v" in (out / "runs" / "v_zt_s0" / "config.yaml").read_text()
     report = (out / "report.md").read_text()
     assert "| today | 1 | " in report and "| v_zt | 1 | " in report
+    assert [line.count("| – ") for line in report.splitlines()
+            if line.startswith(f"| {posthoc[0]} |")] == [4, 3]  # no steps; @6 unscored
     for variant in ("today", "v_zt"):  # the optimizer steps reached in the budget
         assert len(summary[variant]["steps"]) == 1 and summary[variant]["steps"][0] > 0
     for name in ("fid_vs_time.png", "grids.png"):

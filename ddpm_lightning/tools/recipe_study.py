@@ -3,7 +3,8 @@ scored the same way.
 
     python -m ddpm_lightning.tools.recipe_study OUT [--minutes 20] [--seeds 0 1]
         [--variants today v v_zt today_minsnr v_minsnr v_zt_minsnr] [--n 1000] [--nfe 20 50]
-        [--posthoc 0.05 0.1 0.2] [--experiment fashion_mnist_cpu] [--archive DEST] [OVERRIDE ...]
+        [--posthoc 0.05 0.1 0.2] [--posthoc-nfe 20] [--experiment fashion_mnist_cpu]
+        [--archive DEST] [OVERRIDE ...]
 
 For each variant and seed it trains ``train.py experiment=EXPERIMENT`` with the variant's
 overrides for ``--minutes`` of wall-clock time (``trainer.max_time``; evaluations included,
@@ -13,8 +14,9 @@ the same for every variant), with ``callbacks=eval`` (FID against training time)
 Then it scores each run's EMA weights with ``tools/nfe`` (``--n`` samples against the test
 split at each ``--nfe``, with SDE-DPM-Solver++, DDIM η = 0 and the DPM-Solver++ ODE, and each
 entry's speckle share), and, with ``--posthoc``, the best variant again at each σ_rel
-(``tools/posthoc_ema``). It writes ``OUT/report.md`` and ``OUT/summary.json`` (each variant's
-mean and 95% interval over its seeds), ``OUT/fid_vs_time.png`` and ``OUT/grids.png`` (the
+(``tools/posthoc_ema``; at ``--posthoc-nfe``, by default every ``--nfe``; the report shows "–"
+for the rest). It writes ``OUT/report.md`` and ``OUT/summary.json`` (each variant's mean and
+95% interval over its seeds), ``OUT/fid_vs_time.png`` and ``OUT/grids.png`` (the
 deterministic samplers' rows of each variant, seed 0). Finished runs and scored entries are
 reused, so a stopped study continues where it was. ``--archive DEST`` copies the results
 without the checkpoints (``archive``); a study pointed at that copy reuses its scored runs, so
@@ -312,6 +314,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--posthoc", type=float, nargs="*", default=[],
                    help="σ_rel values to score the best variant at (post-hoc EMA)")
+    p.add_argument("--posthoc-nfe", type=int, nargs="+", default=None,
+                   help="the NFEs to score the post-hoc EMA entries at (default: --nfe's)")
     p.add_argument("--nfe-args", default="",
                    help="extra arguments of tools/nfe, one string (--nfe-args='--batch-size 100')")
     p.add_argument("--archive", default=None, metavar="DEST",
@@ -354,11 +358,13 @@ def main(argv=None) -> int:
             best = min(results, key=lambda v: sum(e[key]["fid"] for e in results[v].values()))
             from ddpm_lightning.tools import posthoc_ema
 
+            posthoc_nfe = args.posthoc_nfe or args.nfe
+
             for seed in args.seeds:
                 run = out / "runs" / f"{best}_s{seed}"
                 todo = []
                 for sigma in args.posthoc:
-                    kept = archived(run, args.n, args.nfe, args.nfe_args,
+                    kept = archived(run, args.n, posthoc_nfe, args.nfe_args,
                                     f"nfe_posthoc_{sigma:.3f}")
                     if kept is None:
                         todo.append(sigma)
@@ -369,7 +375,7 @@ def main(argv=None) -> int:
                 for sigma in todo:
                     for ckpt in (run / "posthoc_ema").glob(f"sigma_rel_{sigma:.3f}_step_*.ckpt"):
                         results.setdefault(f"{best}+posthoc σ_rel={sigma}", {})[seed] = score(
-                            ckpt, run / f"nfe_posthoc_{sigma:.3f}", args.n, args.nfe,
+                            ckpt, run / f"nfe_posthoc_{sigma:.3f}", args.n, posthoc_nfe,
                             args.nfe_args)
     except (RuntimeError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
