@@ -63,6 +63,8 @@ def test_a_tiny_study_end_to_end(tmp_path, weights, monkeypatch):
     monkeypatch.setattr(recipe_study.subprocess, "run", lambda *a, **k: pytest.fail("trained"))
     monkeypatch.setattr("ddpm_lightning.core.generate.generate",
                         lambda *a, **k: pytest.fail("sampled again"))
+    monkeypatch.setattr("ddpm_lightning.tools.posthoc_ema.main",
+                        lambda *a, **k: pytest.fail("solved the post-hoc EMA again"))
     assert recipe_study.main([*argv, "--archive", str(tmp_path / "kept")]) == 0
     assert not list((tmp_path / "kept").rglob("*.ckpt"))
     # the copy without checkpoints is a study too: pointed at it, nothing is trained or sampled

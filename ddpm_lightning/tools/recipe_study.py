@@ -370,8 +370,10 @@ def main(argv=None) -> int:
                         todo.append(sigma)
                     else:
                         results.setdefault(f"{best}+posthoc σ_rel={sigma}", {})[seed] = kept[0]
-                if todo:
-                    posthoc_ema.main([str(run), "--sigma-rel", *map(str, todo)])
+                unsolved = [sigma for sigma in todo if not any(
+                    (run / "posthoc_ema").glob(f"sigma_rel_{sigma:.3f}_step_*.ckpt"))]
+                if unsolved:  # a finished run's snapshots do not change: solve each σ once
+                    posthoc_ema.main([str(run), "--sigma-rel", *map(str, unsolved)])
                 for sigma in todo:
                     for ckpt in (run / "posthoc_ema").glob(f"sigma_rel_{sigma:.3f}_step_*.ckpt"):
                         results.setdefault(f"{best}+posthoc σ_rel={sigma}", {})[seed] = score(
