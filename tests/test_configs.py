@@ -35,8 +35,8 @@ def test_every_group_has_options():
 def test_config_composes_and_instantiates(group, option, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     overrides = [f"{group}={option}"]
-    if (group, option) == ("schedule", "linear_zero_snr"):  # ε (the default) is refused there
-        overrides.append("module=ddpm_cpu_v")
+    if group == "module" and _compose(*overrides).module.parameterization in ("eps", "mu"):
+        overrides.append("schedule=linear")  # the default ᾱ_T = 0 refuses ε (tests/test_recipe.py)
     cfg = _compose(*overrides, "data.root=" + str(tmp_path)) if group in ("data", "experiment") \
         else _compose(*overrides)
     OmegaConf.resolve(cfg)
@@ -105,15 +105,17 @@ def test_cpu_recipes_sample_with_the_fast_default(experiment):
             ("dpm_solver", True, steps)
 
 
-def test_fashion_mnist_recipe_is_the_studys_choice():
-    """experiment=fashion_mnist_cpu adopts what the recipe study chose (v, min-SNR, ᾱ_T = 0,
-    bf16); the README's command for the 2020 recipe gives it back exactly."""
-    cfg = _compose("experiment=fashion_mnist_cpu")
+@pytest.mark.parametrize("experiment, precision, back", [
+    ("cpu_embedded", "32-true", ()), ("fashion_mnist_cpu", "bf16-mixed", ("trainer=cpu",))])
+def test_cpu_recipes_are_the_studys_choice(experiment, precision, back):
+    """The CPU recipes adopt the objective the recipe study chose (v, min-SNR, ᾱ_T = 0);
+    fashion_mnist_cpu also its bf16, cpu_embedded (`make train`, any CPU) stays in float32. The
+    README's command for the 2020 recipe gives it back exactly."""
+    cfg = _compose(f"experiment={experiment}")
     assert (cfg.module.parameterization, cfg.module.loss_weight) == ("v", "min_snr")
     assert cfg.schedule.rescale_zero_terminal_snr is True and cfg.schedule.name == "linear"
-    assert cfg.trainer.precision == "bf16-mixed"
-    old = _compose("experiment=fashion_mnist_cpu", "schedule=linear", "module=ddpm_cpu",
-                   "trainer=cpu")
+    assert cfg.trainer.precision == precision
+    old = _compose(f"experiment={experiment}", "schedule=linear", "module=ddpm_cpu", *back)
     assert (old.module.parameterization, old.module.loss_weight) == ("eps", "none")
     assert old.schedule.rescale_zero_terminal_snr is False
     assert old.trainer.precision == "32-true"

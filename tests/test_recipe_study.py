@@ -134,7 +134,7 @@ def test_a_finished_run_trained_with_other_settings_is_not_reused(tmp_path):
     run = tmp_path / "today_s0"
     run.mkdir()
     (run / "config.yaml").write_text(
-        "module: {parameterization: v, loss_weight: none}\n"
+        "module: {parameterization: v, loss_weight: none, compile: false}\n"
         "schedule: {rescale_zero_terminal_snr: false}\ntrainer: {precision: 32-true}\n"
         "model: {ch: 32}\n")
     recipe_study.check_settings(run, recipe_study.VARIANTS["v"] + ["model=unet_cpu32"])

@@ -84,8 +84,8 @@ def test_logged_keys(tmp_path):
 
 
 # loss-aware t: T = 8 and a history of 1, so that importance sampling starts within the run
-LOSS_AWARE = ["schedule.T=8", "module.objective=vlb", "module.timesteps.sampler=loss_aware",
-              "module.timesteps.history=1"]
+LOSS_AWARE = ["schedule.T=8", "module.objective=vlb", "module.loss_weight=none",
+              "module.timesteps.sampler=loss_aware", "module.timesteps.history=1"]
 
 
 @pytest.mark.parametrize("extra", [

@@ -40,16 +40,18 @@ _EPS, _V = "module.parameterization=eps", "module.parameterization=v"
 _ZT0, _ZT1 = "schedule.rescale_zero_terminal_snr=false", "schedule.rescale_zero_terminal_snr=true"
 _W0, _W1 = "module.loss_weight=none", "module.loss_weight=min_snr"
 _FP32, _BF16 = "trainer.precision=32-true", "trainer.precision=bf16-mixed"
+_EAGER, _COMPILED = "module.compile=false", "module.compile=true"
 VARIANTS = {
-    "today": [_EPS, _ZT0, _W0, _FP32],
-    "v": [_V, _ZT0, _W0, _FP32],
-    "v_zt": [_V, _ZT1, _W0, _FP32],
-    "today_minsnr": [_EPS, _ZT0, _W1, _FP32],
-    "v_minsnr": [_V, _ZT0, _W1, _FP32],
-    "v_zt_minsnr": [_V, _ZT1, _W1, _FP32],
-    "today_bf16": [_EPS, _ZT0, _W0, _BF16],
-    "v_zt_bf16": [_V, _ZT1, _W0, _BF16],
-    "v_zt_minsnr_bf16": [_V, _ZT1, _W1, _BF16],
+    "today": [_EPS, _ZT0, _W0, _FP32, _EAGER],
+    "v": [_V, _ZT0, _W0, _FP32, _EAGER],
+    "v_zt": [_V, _ZT1, _W0, _FP32, _EAGER],
+    "today_minsnr": [_EPS, _ZT0, _W1, _FP32, _EAGER],
+    "v_minsnr": [_V, _ZT0, _W1, _FP32, _EAGER],
+    "v_zt_minsnr": [_V, _ZT1, _W1, _FP32, _EAGER],
+    "today_bf16": [_EPS, _ZT0, _W0, _BF16, _EAGER],
+    "v_zt_bf16": [_V, _ZT1, _W0, _BF16, _EAGER],
+    "v_zt_minsnr_bf16": [_V, _ZT1, _W1, _BF16, _EAGER],
+    "v_zt_minsnr_bf16_compile": [_V, _ZT1, _W1, _BF16, _COMPILED],
 }
 SAMPLERS = ("dpm_sde", "ddim0", "dpm_ode")  # stochastic, and the two deterministic ones
 DONE = "study_done.json"
