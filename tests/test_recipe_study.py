@@ -182,3 +182,37 @@ def test_a_runs_own_command_passes_its_check(tmp_path):
 def test_an_override_of_what_the_study_sets_is_refused(override, flag):
     with pytest.raises(ValueError, match=f"sets .* itself \\(use {flag}\\)"):
         recipe_study.run_overrides("cpu_embedded", [override], 0, 1, 10)
+
+
+def test_the_grids_wrap_into_a_row_per_variant(tmp_path):
+    """``side_by_side(..., columns=2)``: the study's grids.png puts a variant per row (DDIM, ODE)
+    instead of one strip of 2 × variants images; without ``columns`` all stay in one row."""
+    import numpy as np
+    from PIL import Image
+
+    from ddpm_lightning.tools.report import side_by_side
+
+    colours = {"a": (255, 0, 0), "b": (0, 255, 0), "c": (0, 0, 255), "d": (255, 0, 255)}
+    widths = {"a": 300, "b": 200, "c": 200, "d": 200}  # a column is as wide as its widest
+    grids = {}
+    for label, colour in colours.items():
+        grids[label] = tmp_path / f"{label}.png"
+        Image.new("RGB", (widths[label], 40), colour).save(grids[label])
+
+    def boxes(path):  # (left, top) of each colour's block
+        px = np.asarray(Image.open(path).convert("RGB"))
+        out = {}
+        for label, colour in colours.items():
+            ys, xs = np.nonzero((px == colour).all(-1))
+            assert len(ys) == widths[label] * 40, label  # each image whole, none overlapping
+            out[label] = (xs.min(), ys.min())
+        return out
+
+    side_by_side(grids, tmp_path / "row.png")
+    row = boxes(tmp_path / "row.png")
+    assert len({top for _, top in row.values()}) == 1
+    assert row["a"][0] < row["b"][0] < row["c"][0] < row["d"][0]
+    side_by_side(grids, tmp_path / "wrapped.png", columns=2)
+    wrapped = boxes(tmp_path / "wrapped.png")
+    assert wrapped["a"][0] == wrapped["c"][0] < wrapped["b"][0] == wrapped["d"][0]
+    assert wrapped["a"][1] == wrapped["b"][1] < wrapped["c"][1] - 40 == wrapped["d"][1] - 40

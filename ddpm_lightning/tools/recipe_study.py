@@ -293,7 +293,7 @@ def write_report(out: Path, summary: dict, nfes: list[int], histories: dict, gri
     save_figure(fig, axes, out / "fid_vs_time.png")
     lines += ["", "![FID against training time](fid_vs_time.png)", ""]
     if grids:
-        side_by_side(grids, out / "grids.png")
+        side_by_side(grids, out / "grids.png", columns=2)  # a variant per row: DDIM, ODE
         lines += ["Deterministic samplers, seed 0 (the same x_T in every row):", "",
                   "![grids](grids.png)", ""]
     report = out / "report.md"

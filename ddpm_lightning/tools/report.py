@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def side_by_side(grids: dict[str, Path], path: Path, min_width: int = 192) -> None:
+def side_by_side(grids: dict[str, Path], path: Path, min_width: int = 192,
+                 columns: int | None = None) -> None:
     """Labelled images ({label: png}) next to each other, each under its label; small images
     are enlarged by an integer factor (nearest neighbour, pixels stay sharp) to ``min_width``,
-    and each column is as wide as its label."""
+    and each column is as wide as its widest label or image. ``columns``: images per row (the
+    rest wrap onto further rows); None = all in one row."""
     from matplotlib import font_manager
     from PIL import Image, ImageDraw, ImageFont
 
@@ -24,15 +26,21 @@ def side_by_side(grids: dict[str, Path], path: Path, min_width: int = 192) -> No
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     widths = {s: max(im.width, int(measure.textlength(s, font=font)))
               for s, im in images.items()}
-    width = sum(widths.values()) + pad * (len(images) + 1)
-    height = max(im.height for im in images.values()) + label_h + 2 * pad
-    canvas = Image.new("RGB", (width, height), "white")
+    items = list(images.items())
+    n = min(columns or len(items), len(items))
+    rows = [items[i:i + n] for i in range(0, len(items), n)]
+    col_w = [max(widths[row[c][0]] for row in rows if c < len(row)) for c in range(n)]
+    row_h = [max(im.height for _, im in row) + label_h + pad for row in rows]
+    canvas = Image.new("RGB", (sum(col_w) + pad * (n + 1), sum(row_h) + pad), "white")
     draw = ImageDraw.Draw(canvas)
-    x = pad
-    for s, im in images.items():
-        draw.text((x, pad), s, fill="black", font=font)
-        canvas.paste(im, (x, pad + label_h))
-        x += widths[s] + pad
+    y = pad
+    for row, h in zip(rows, row_h):
+        x = pad
+        for c, (s, im) in enumerate(row):
+            draw.text((x, y), s, fill="black", font=font)
+            canvas.paste(im, (x, y + label_h))
+            x += col_w[c] + pad
+        y += h
     canvas.save(path)
 
 
