@@ -80,6 +80,15 @@ def reconstruct(run: Path, sigma_rels: list[float], step: int | None = None,
     return target, states, {**fits, **refused}
 
 
+def _name(sigma: float, step: str) -> str:
+    return f"sigma_rel_{sigma:.3f}_step_{step}.ckpt"
+
+
+def solved(out: Path, sigma: float) -> list[Path]:
+    """The checkpoints ``write_checkpoint`` wrote into ``out`` for ``sigma``, by step."""
+    return sorted(out.glob(_name(sigma, "*")))
+
+
 def write_checkpoint(ckpt: dict, run: Path, out: Path, sigma: float, target: int, state: dict,
                      fit) -> Path:
     """``ckpt`` (the run's last.ckpt) with ``ema_model`` replaced by ``state``; no optimizer
@@ -96,7 +105,7 @@ def write_checkpoint(ckpt: dict, run: Path, out: Path, sigma: float, target: int
     keep.update(state_dict=sd, posthoc_ema={"sigma_rel": sigma, "step": target,
                                             "residual": residual,
                                             "weights": [float(w) for w in weights]})
-    path = out / f"sigma_rel_{sigma:.3f}_step_{target:07d}.ckpt"
+    path = out / _name(sigma, f"{target:07d}")
     with atomic_write(path) as f:
         torch.save(keep, f)
     return path

@@ -372,12 +372,12 @@ def main(argv=None) -> int:
                         todo.append(sigma)
                     else:
                         results.setdefault(f"{best}+posthoc σ_rel={sigma}", {})[seed] = kept[0]
-                unsolved = [sigma for sigma in todo if not any(
-                    (run / "posthoc_ema").glob(f"sigma_rel_{sigma:.3f}_step_*.ckpt"))]
+                unsolved = [sigma for sigma in todo
+                            if not posthoc_ema.solved(run / "posthoc_ema", sigma)]
                 if unsolved:  # a finished run's snapshots do not change: solve each σ once
                     posthoc_ema.main([str(run), "--sigma-rel", *map(str, unsolved)])
                 for sigma in todo:
-                    for ckpt in (run / "posthoc_ema").glob(f"sigma_rel_{sigma:.3f}_step_*.ckpt"):
+                    for ckpt in posthoc_ema.solved(run / "posthoc_ema", sigma):
                         results.setdefault(f"{best}+posthoc σ_rel={sigma}", {})[seed] = score(
                             ckpt, run / f"nfe_posthoc_{sigma:.3f}", args.n, posthoc_nfe,
                             args.nfe_args)
